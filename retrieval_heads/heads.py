@@ -69,7 +69,9 @@ class Head:
         return self.dotted
 
 
-def parse_heads(labels: str | list, n_layers: int | None = None, n_heads: int | None = None) -> list[Head]:
+def parse_heads(
+    labels: str | list, n_layers: int | None = None, n_heads: int | None = None
+) -> list[Head]:
     """Parse a comma-separated string or a list of labels; range-check when the shape is given."""
     if isinstance(labels, str):
         labels = [part for part in labels.split(",") if part.strip()]
