@@ -41,6 +41,7 @@ class Phase:
     warmup: int
     repeat_steps: int = 0  # steps at the start with a repetition-heavy mix
     data_seed: int = 0  # distinct per phase, so no phase replays another's data stream
+    min_length: int = 128  # documents are uniform in [min_length, batch length]
     mix: dict = field(
         default_factory=lambda: {
             "needle": 0.40,
@@ -66,16 +67,10 @@ class Recipe:
     answer_weight: float = 5.0
     weight_decay: float = 0.1
     short: Phase = field(
-        default_factory=lambda: Phase("short", 6000, (128, 192, 256), 16384, 1e-3, 200, 800)
+        default_factory=lambda: Phase("short", 4500, (192, 256), 16384, 1e-3, 200, 700)
     )
     long: Phase = field(
-        default_factory=lambda: Phase("default", 3000, (128, 256, 512, 1024), 32768, 5e-4, 100)
-    )
-    # After 3000 steps NIAH at 1024 tokens was 92% (60 held-out trials): continue, weighted to 1024.
-    polish: Phase = field(
-        default_factory=lambda: Phase(
-            "default", 6000, (256, 512, 1024, 1024), 32768, 3e-4, 100, 0, 3
-        )
+        default_factory=lambda: Phase("default", 4500, (512, 1024, 1024), 32768, 5e-4, 100)
     )
 
 
@@ -100,7 +95,11 @@ def model_config(recipe: Recipe, n_ctx: int):
 
 
 class Batches(torch.utils.data.IterableDataset):
-    """Endless batches ``(ids [B, L], weights [B, L])`` for one phase; one Builder per worker."""
+    """Endless batches ``(ids [B, L], weights [B, L])`` for one phase; one Builder per worker.
+
+    Each document has its own length, uniform in ``[min_length, L]``, right-padded with weight 0:
+    with a few fixed lengths the model learned to predict ``</s>`` from absolute position.
+    """
 
     def __init__(self, phase: Phase, seed: int, answer_weight: float):
         self.phase, self.seed, self.answer_weight = phase, seed, answer_weight
@@ -112,15 +111,20 @@ class Batches(torch.utils.data.IterableDataset):
             seed=self.seed * 1000 + worker + 17 * len(self.phase.name) + 100 * self.phase.data_seed,
             answer_weight=self.answer_weight,
         )
+        pad = builder.vocab["<pad>"]
         step = worker
         n_workers = info.num_workers if info else 1
         while True:
             length = builder.rng.choice(self.phase.lengths)
             mix = self.phase.warm_mix if step < self.phase.repeat_steps else self.phase.mix
             size = max(1, self.phase.tokens_per_batch // length)
-            samples = [builder.sample(length, mix) for _ in range(size)]
-            ids = torch.from_numpy(np.stack([s.input_ids for s in samples]))
-            weights = torch.from_numpy(np.stack([s.weights for s in samples]))
+            ids = torch.full((size, length), pad, dtype=torch.long)
+            weights = torch.zeros((size, length))
+            for row in range(size):
+                own = builder.rng.randint(min(self.phase.min_length, length), length)
+                sample = builder.sample(own, mix)
+                ids[row, :own] = torch.from_numpy(sample.input_ids)
+                weights[row, :own] = torch.from_numpy(sample.weights)
             yield ids, weights
             step += n_workers
 
@@ -133,7 +137,10 @@ def evaluate(model, n_ctx: int, seed: int = 1234, per_cell: int = 4) -> dict:
     """
     builder = Builder(seed=seed, n_bank=4000)
     device = next(model.parameters()).device
-    lengths = sorted({128, n_ctx // 2, n_ctx} | ({n_ctx // 4} if n_ctx >= 512 else set()))
+    # Odd lengths on purpose: none is a batch length of training.
+    lengths = sorted(
+        {131, n_ctx // 2 + 17, n_ctx - 9} | ({n_ctx // 4 + 5} if n_ctx >= 512 else set())
+    )
     groups: dict[str, list] = {}
     for length in lengths:
         for depth in (0, 25, 50, 75, 100):
@@ -260,9 +267,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--short-steps", type=int, default=None)
     parser.add_argument("--long-steps", type=int, default=None)
     parser.add_argument("--skip-short", action="store_true", help="continue from OUT/short")
-    parser.add_argument(
-        "--polish-only", action="store_true", help="only the last phase, from OUT/default"
-    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -280,13 +284,6 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"device {device}, workers {args.workers}, recipe {json.dumps(asdict(recipe))}")
 
-    if args.polish_only:
-        model = LlamaForCausalLM.from_pretrained(args.out / "default").to(device)
-        HISTORY.extend(json.loads((args.out / "default" / "training.json").read_text())["log"])
-        run_phase(
-            model, recipe.polish, recipe, device, args.workers, args.out / "default", tokenizer
-        )
-        return
     if args.skip_short:
         model = LlamaForCausalLM.from_pretrained(args.out / "short").to(device)
     else:
@@ -296,9 +293,6 @@ def main(argv: list[str] | None = None) -> None:
         run_phase(model, recipe.short, recipe, device, args.workers, args.out / "short", tokenizer)
     if recipe.long.steps > 0:
         run_phase(model, recipe.long, recipe, device, args.workers, args.out / "default", tokenizer)
-        run_phase(
-            model, recipe.polish, recipe, device, args.workers, args.out / "default", tokenizer
-        )
 
 
 if __name__ == "__main__":
