@@ -1,0 +1,311 @@
+"""The retrieval score, computed step by step while the model greedily writes its answer.
+
+Wu et al. (2024): at each decode step, for every head, take the argmax of the head's attention row
+for the current query. If it lands inside the needle's answer span on a token equal to the token
+just generated, that head made a *copy event*. A head's trial score is the number of distinct
+answer positions it copied divided by the span length, ``|g_h ∩ k| / |k|``
+(``count_repeats=True`` reproduces the reference code, which adds ``1/|k|`` at every event).
+
+Memory is linear in context: the prompt is prefilled by the model's efficient kernel with no
+attention pattern kept, and only decode steps run through TransformerLens hooks, where the query
+length is 1 and each layer's pattern is ``[batch, head, 1, key]``. Each hook reduces its row at once
+to per-head statistics (argmax, top-k mass, span mass) and drops it.
+
+Scorers, all from the same pass (each ``[layer, head]`` per trial, per query head):
+
+- ``retrieval`` — the paper's copy-paste score;
+- ``topk`` — HeadKV-style: per step, the attention mass on those of the top-``|k|`` keys that lie in
+  the answer span, averaged over steps;
+- ``attention_mass`` — per step, the attention mass on the answer span, averaged over steps.
+
+Interventions plug in through ``hooks``: a function of the trial that returns
+``(prefill_hooks, decode_hooks)``; this module never imports them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from retrieval_heads.grading import classify_failure, grade
+from retrieval_heads.haystack import Trial
+from retrieval_heads.model import HookedModel
+from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
+
+SCORERS = ("retrieval", "topk", "attention_mass")
+HookPairs = list[tuple[str, Callable]]
+HooksFor = Callable[[Trial], tuple[HookPairs, HookPairs]]
+
+
+class DetectionError(RuntimeError):
+    """Detection produced nothing to score: no trial passed grading."""
+
+
+@dataclass
+class DecodeConfig:
+    """How the answer is generated and graded."""
+
+    max_new_tokens: int | None = None  # None: answer length + 8
+    stop_at_eos: bool = True
+    stop_strings: tuple[str, ...] = ("\n",)
+    pass_threshold: float = 0.5  # ROUGE-1 recall
+    count_repeats: bool = False
+
+    def budget(self, trial: Trial, model: HookedModel) -> int:
+        """Tokens to generate: as asked (default answer length + 8), within the context window."""
+        span = trial.answer_span
+        wanted = self.max_new_tokens if self.max_new_tokens is not None else span[1] - span[0] + 8
+        return max(1, min(wanted, model.n_ctx - trial.context_length + 1))
+
+
+@dataclass
+class _StepStats:
+    """Per-step reductions of every layer's attention row, filled by the pattern hooks."""
+
+    n_layers: int
+    n_heads: int
+    span: tuple[int, int]
+    argmax: list[Int[Tensor, "layer head"]] = field(default_factory=list)
+    topk_mass: list[Float[Tensor, "layer head"]] = field(default_factory=list)
+    span_mass: list[Float[Tensor, "layer head"]] = field(default_factory=list)
+
+    def new_step(self, device: torch.device) -> None:
+        shape = (self.n_layers, self.n_heads)
+        self.argmax.append(torch.full(shape, -1, dtype=torch.long, device=device))
+        self.topk_mass.append(torch.zeros(shape, device=device))
+        self.span_mass.append(torch.zeros(shape, device=device))
+
+    def hook(self, layer: int) -> Callable:
+        start, end = self.span
+        k = end - start
+
+        def reduce_row(pattern: Float[Tensor, "batch head query key"], hook: Any) -> None:
+            row = pattern[0, :, -1, :].float()  # [head, key]: the current query's attention
+            self.argmax[-1][layer] = row.argmax(dim=-1)
+            self.span_mass[-1][layer] = row[:, start:end].sum(dim=-1)
+            values, index = row.topk(min(k, row.shape[-1]), dim=-1)  # [head, k]
+            inside = (index >= start) & (index < end)
+            self.topk_mass[-1][layer] = (values * inside).sum(dim=-1)
+
+        return reduce_row
+
+
+def copy_events(
+    argmax: Int[Tensor, "step layer head"],
+    generated: Int[Tensor, "step"],
+    context: Int[Tensor, "pos"],
+    span: tuple[int, int],
+) -> Bool[Tensor, "step layer head"]:
+    """Where a head's argmax lands in ``span`` on a token equal to the one generated at that step."""
+    start, end = span
+    in_span = (argmax >= start) & (argmax < end)
+    attended_token = context[argmax.clamp(0, context.shape[0] - 1)]  # [step, layer, head]
+    return in_span & (attended_token == generated[:, None, None])
+
+
+def retrieval_score(
+    argmax: Int[Tensor, "step layer head"],
+    events: Bool[Tensor, "step layer head"],
+    span: tuple[int, int],
+    count_repeats: bool = False,
+) -> Float[Tensor, "layer head"]:
+    """Distinct answer positions copied / span length (or all events / span length)."""
+    start, end = span
+    length = end - start
+    if count_repeats:
+        return events.sum(dim=0).float() / length
+    offset = (argmax - start).clamp(0, length - 1)
+    copied = torch.nn.functional.one_hot(offset, length).bool() & events[..., None]
+    return copied.any(dim=0).sum(dim=-1).float() / length  # [layer, head]
+
+
+def _is_stop(token: int, model: HookedModel, config: DecodeConfig) -> bool:
+    tokenizer = model.tokenizer
+    if config.stop_at_eos and token == tokenizer.eos_token_id:
+        return True
+    if config.stop_strings:
+        text = tokenizer.decode([token])
+        return any(s in text for s in config.stop_strings)
+    return False
+
+
+@torch.no_grad()
+def score_trial(
+    model: HookedModel,
+    trial: Trial,
+    config: DecodeConfig | None = None,
+    hooks: HooksFor | None = None,
+) -> TrialRecord:
+    """Greedily answer one trial and score every head on it (see the module docstring)."""
+    config = config or DecodeConfig()
+    began = time.perf_counter()
+    ids = torch.tensor(trial.input_ids, dtype=torch.long, device=model.device)  # [pos]
+    prefill_hooks, decode_hooks = hooks(trial) if hooks else ([], [])
+    stats = _StepStats(model.n_layers, model.n_heads, trial.answer_span)
+    pattern_hooks = [
+        (model.hook_name(layer, "pattern"), stats.hook(layer)) for layer in range(model.n_layers)
+    ]
+    # The last prompt token is fed as the first decode step, so the attention that produces the
+    # first answer token is scored too (as in the reference code).
+    state = model.prefill(ids[None, :-1], fwd_hooks=prefill_hooks)
+    token = ids[-1:]
+    generated: list[int] = []
+    stopped_by = "max_new_tokens"
+    for _ in range(config.budget(trial, model)):
+        stats.new_step(model.device)
+        logits = model.step(state, token, fwd_hooks=[*pattern_hooks, *decode_hooks])
+        next_token = int(logits[0].argmax())
+        if _is_stop(next_token, model, config):
+            for table in (stats.argmax, stats.topk_mass, stats.span_mass):
+                table.pop()  # the stop token is not part of the answer
+            stopped_by = "stop"
+            break
+        generated.append(next_token)
+        token = torch.tensor([next_token], device=model.device)
+
+    scores, events_list = _scores(stats, generated, ids, trial.answer_span, config)
+    text = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
+    answers = list(trial.answers) if len(trial.targets) > 1 else trial.answer
+    verdict = grade(text, answers, threshold=config.pass_threshold)
+    reason = None
+    if not verdict.passed:
+        distractors = [p.needle.answer for p in trial.distractors]
+        reason = classify_failure(text, trial.answer, distractor_answers=distractors)
+    params = dict(trial.params)
+    params.update(
+        context_length=trial.context_length,
+        depth_percent=trial.depth_percent,
+        needle_id=trial.target.needle.needle_id,
+        answer_span=list(trial.answer_span),
+        stopped_by=stopped_by,
+    )
+    return TrialRecord(
+        trial_id=trial.trial_id,
+        params=params,
+        expected=trial.answer,
+        generated_ids=generated,
+        generated_text=text,
+        passed=verdict.passed,
+        recall=verdict.recall,
+        reason=reason,
+        scores=scores,
+        copy_events=events_list,
+        n_layers=model.n_layers,
+        n_heads=model.n_heads,
+        elapsed_s=round(time.perf_counter() - began, 4),
+    )
+
+
+def _scores(
+    stats: _StepStats,
+    generated: list[int],
+    ids: Int[Tensor, "pos"],
+    span: tuple[int, int],
+    config: DecodeConfig,
+) -> tuple[dict[str, list[list[float]]], list[tuple[int, int, int, int]]]:
+    shape = (stats.n_layers, stats.n_heads)
+    if not generated:
+        zeros = torch.zeros(shape).tolist()
+        return {name: zeros for name in SCORERS}, []
+    argmax = torch.stack(stats.argmax).cpu()  # [step, layer, head]
+    out = torch.tensor(generated, dtype=torch.long)  # [step]
+    events = copy_events(argmax, out, ids.cpu(), span)
+    scores = {
+        "retrieval": retrieval_score(argmax, events, span, config.count_repeats),
+        "topk": torch.stack(stats.topk_mass).mean(dim=0).cpu(),
+        "attention_mass": torch.stack(stats.span_mass).mean(dim=0).cpu(),
+    }
+    where = events.nonzero().tolist()  # [[step, layer, head], ...]
+    event_list = [(s, layer, h, int(argmax[s, layer, h])) for s, layer, h in where]
+    return {name: value.tolist() for name, value in scores.items()}, event_list
+
+
+def iter_detect(
+    model: HookedModel,
+    trials: Iterable[Trial],
+    config: DecodeConfig | None = None,
+    hooks: HooksFor | None = None,
+    skip: Iterable[str] = (),
+) -> Iterator[TrialRecord]:
+    """Score trials one by one (for notebooks and progress bars); ``skip`` lists done trial ids."""
+    done = set(skip)
+    for trial in trials:
+        if trial.trial_id not in done:
+            yield score_trial(model, trial, config, hooks)
+
+
+def detect(
+    model: HookedModel,
+    trials: Sequence[Trial],
+    *,
+    out: str | Path | None = None,
+    config: DecodeConfig | None = None,
+    hooks: HooksFor | None = None,
+    model_name: str | None = None,
+    run_config: dict | None = None,
+    seed: int = 0,
+    kind: str = "detect",
+    progress: bool = False,
+    require_pass: bool = True,
+) -> HeadScores:
+    """Score every trial and aggregate per head (mean over passing trials, as in the paper).
+
+    With ``out``, results go to a results directory as they finish (atomic; a rerun skips the
+    trials already there). Raises :class:`DetectionError` when no trial passes and
+    ``require_pass`` is set, with what the model answered, instead of returning empty scores.
+    """
+    config = config or DecodeConfig()
+    run_config = dict(run_config or {})
+    run_config.setdefault("decode", config.__dict__ | {"stop_strings": list(config.stop_strings)})
+    name = model_name or getattr(model, "name", None) or type(model.hf_model).__name__
+    if out is None:
+        records = list(iter_detect(model, _progress(trials, progress), config, hooks))
+    else:
+        with ResultsDir(out, model=name, config=run_config, kind=kind, seed=seed) as run:
+            for record in iter_detect(
+                model, _progress(trials, progress, run.done_ids()), config, hooks, run.done_ids()
+            ):
+                run.append(record)
+            records = run.records()
+            if require_pass and not any(r.passed for r in records):
+                run.update_meta(status="failed", failure=failure_summary(records))
+                raise DetectionError(failure_summary(records))
+            run.finalize()
+    if require_pass and not any(r.passed for r in records):
+        raise DetectionError(failure_summary(records))
+    return HeadScores.from_records(records)
+
+
+def failure_summary(records: Sequence[TrialRecord], n: int = 5) -> str:
+    """What the model answered, and where it failed: the message when no trial passes."""
+    lines = [f"no trial passed grading ({len(records)} trials); what the model answered:"]
+    for record in list(records)[:n]:
+        p = record.params
+        lines.append(
+            f"  length {p.get('context_length')}, depth {p.get('depth_percent')}: "
+            f"expected {record.expected!r}, got {record.generated_text!r} ({record.reason})"
+        )
+    cells = sorted({(r.params.get("context_length"), r.params.get("depth_percent")) for r in records})
+    lines.append(f"failed (length, depth) cells: {cells[:20]}")
+    lines.append(
+        "check that the prompt template suits the model (a chat model may need --chat), "
+        "that the context fits the model, and that --max-new-tokens covers the answer"
+    )
+    return "\n".join(lines)
+
+
+def _progress(trials: Sequence[Trial], enabled: bool, done: Iterable[str] = ()):
+    if not enabled:
+        return trials
+    from tqdm.auto import tqdm
+
+    done = set(done)
+    todo = [t for t in trials if t.trial_id not in done]
+    return tqdm(todo, desc="trials", unit="trial", initial=0, total=len(todo))
