@@ -99,8 +99,8 @@ class _StepStats:
 
 def copy_events(
     argmax: Int[Tensor, "step layer head"],
-    generated: Int[Tensor, "step"],
-    context: Int[Tensor, "pos"],
+    generated: Int[Tensor, " step"],
+    context: Int[Tensor, " pos"],
     span: tuple[int, int],
 ) -> Bool[Tensor, "step layer head"]:
     """Where a head's argmax lands in ``span`` on a token equal to the one generated at that step."""
@@ -206,7 +206,7 @@ def score_trial(
 def _scores(
     stats: _StepStats,
     generated: list[int],
-    ids: Int[Tensor, "pos"],
+    ids: Int[Tensor, " pos"],
     span: tuple[int, int],
     config: DecodeConfig,
 ) -> tuple[dict[str, list[list[float]]], list[tuple[int, int, int, int]]]:
@@ -292,7 +292,9 @@ def failure_summary(records: Sequence[TrialRecord], n: int = 5) -> str:
             f"  length {p.get('context_length')}, depth {p.get('depth_percent')}: "
             f"expected {record.expected!r}, got {record.generated_text!r} ({record.reason})"
         )
-    cells = sorted({(r.params.get("context_length"), r.params.get("depth_percent")) for r in records})
+    cells = sorted(
+        {(r.params.get("context_length"), r.params.get("depth_percent")) for r in records}
+    )
     lines.append(f"failed (length, depth) cells: {cells[:20]}")
     lines.append(
         "check that the prompt template suits the model (a chat model may need --chat), "
