@@ -1203,3 +1203,26 @@ def make_grid(
                     )
                 )
     return trials
+
+
+def tiny_grid(
+    tokenizer: Any,
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    n_needles: int = 4,
+    n_distractors: int = 2,
+    seed: int = 0,
+    split: str = "test",
+) -> list[Trial]:
+    """The embedded model's NIAH grid: its own haystack, needles with distractors and template."""
+    needles = tiny_needle_sets(n_needles, seed, split=split, n_distractors=n_distractors)
+    return make_grid(
+        tokenizer,
+        Haystack.tiny(seed),
+        needles,
+        lengths=lengths,
+        depths=depths,
+        seed=seed,
+        template=PromptTemplate.tiny(),
+    )

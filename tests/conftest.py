@@ -220,3 +220,19 @@ DIR_FIXTURES = {"llama": "tiny_llama_dir", "gqa": "tiny_gqa_dir", "gpt2": "tiny_
 def any_model(request):
     """Each loaded tiny model in turn (llama, gqa, gpt2)."""
     return request.getfixturevalue(MODEL_FIXTURES[request.param])
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The shipped embedded model (``load_model("tiny")``): real retrieval heads, loads offline."""
+    from retrieval_heads import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_trials(tiny_model):
+    """A small NIAH grid in the embedded model's language: 2 lengths x 3 depths x 2 needles."""
+    from retrieval_heads.haystack import tiny_grid
+
+    return tiny_grid(tiny_model.tokenizer, lengths=[150, 400], depths=[0, 50, 100], n_needles=2)

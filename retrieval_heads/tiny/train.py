@@ -268,11 +268,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-steps", type=int, default=None)
     parser.add_argument("--skip-short", action="store_true", help="continue from OUT/short")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--reduced",
+        action="store_true",
+        help="a 2-layer, 64-wide model on 2K-token batches: checks the pipeline in seconds",
+    )
     args = parser.parse_args(argv)
 
     from transformers import LlamaForCausalLM
 
     recipe = Recipe(seed=args.seed)
+    if args.reduced:
+        recipe.hidden_size, recipe.intermediate_size, recipe.n_layers = 64, 128, 2
+        recipe.n_heads, recipe.n_kv_heads = 4, 2
+        for phase in (recipe.short, recipe.long):
+            phase.lengths, phase.tokens_per_batch = (128,), 2048
     if args.short_steps is not None:
         recipe.short.steps = args.short_steps
         recipe.short.repeat_steps = min(recipe.short.repeat_steps, args.short_steps // 3)
