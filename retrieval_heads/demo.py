@@ -1,75 +1,94 @@
-"""Temporary demo: build a tiny random Llama, load it through ``load_model``, print its heads.
+"""``make demo``: the main job on the embedded model, end to end, in a few minutes on a laptop CPU.
 
-``python -m retrieval_heads.demo --out DIR`` writes the model to ``DIR/tiny-llama`` and exits 0.
-(To be replaced by the real end-to-end demo.)
+1. detect retrieval heads on a needle-in-a-haystack grid (lengths x depths x needles);
+2. K-sweep: mask the top-K retrieval heads, and K random non-retrieval heads (seeded draws);
+3. write one self-contained HTML report, and print a five-line summary.
+
+Every stage writes a resumable results directory under ``--out``; rerunning skips finished work.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 
-def build_tiny_llama(out: Path, seed: int = 0) -> Path:
-    """Save a 2-layer random Llama (4 query heads, 2 kv heads) with a word-level tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<unk>", "<bos>", "<eos>", "<pad>"] + "the key is a number and it".split()
-    words += [str(i) for i in range(100)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-    )
-    config = LlamaConfig(
-        vocab_size=len(words),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    path = out / "tiny-llama"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retrieval_heads.demo", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("demo-out"))
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from transformers.utils import logging as hf_logging
+    import torch
 
-    from retrieval_heads import load_model
+    from retrieval_heads import analysis, causal
+    from retrieval_heads.haystack import tiny_grid
+    from retrieval_heads.model import load_model
+    from retrieval_heads.scoring import detect
+    from retrieval_heads.views.report import build_report
 
-    hf_logging.disable_progress_bar()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = build_tiny_llama(args.out)
-    model = load_model(path, device="cpu")
-    print(f"model: {path}")
-    print(
-        f"layers={model.n_layers} heads={model.n_heads} kv_heads={model.n_kv_heads} "
-        f"d_head={model.d_head} d_model={model.d_model} n_ctx={model.n_ctx}"
+    torch.manual_seed(args.seed)
+    began = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - began:5.1f}s] {message}", flush=True)
+
+    model = load_model(args.model)
+    say(f"loaded {model!r}")
+    grid = dict(depths=[0, 25, 50, 75, 100], n_distractors=2, seed=args.seed)
+    trials = tiny_grid(model.tokenizer, lengths=[150, 400, 700, 990], n_needles=3, **grid)
+    say(f"detect: {len(trials)} trials (4 lengths x 5 depths x 3 needles, 2 distractors each)")
+    scores = detect(
+        model,
+        trials,
+        out=args.out / "detect",
+        model_name=model.name,
+        run_config={"grid": "demo", **grid},
+        seed=args.seed,
     )
-    print("query head -> kv head:", {h: model.kv_head_of(h) for h in range(model.n_heads)})
-    ids = model.to_tokens("the key is 42 and it is 42")
-    state = model.prefill(ids)
-    model.step(state, state.last_logits.argmax(-1))
-    print(f"prefill + 1 decode step ok ({state.position} positions cached)")
+
+    sweep_trials = tiny_grid(model.tokenizer, lengths=[300, 900], n_needles=2, **grid)
+    ks = [0, 2, 6, 12]
+    say(f"K-sweep: K = {ks}, top-K vs 3 random draws, on {len(sweep_trials)} trials")
+    records = causal.k_sweep(
+        model,
+        sweep_trials,
+        scores,
+        ks,
+        draws=3,
+        seed=args.seed,
+        out=args.out / "ablate",
+        include_matched=False,
+    )
+    rows = {(r.k, r.selection): r for r in analysis.k_sweep(records)}
+
+    say("report")
+    report = build_report(
+        [args.out / "detect", args.out / "ablate"],
+        args.out / "report.html",
+        model=model,
+        trials={t.trial_id: t.input_ids for t in trials},
+    )
+    say(f"wrote {report} ({report.stat().st_size / 1e6:.1f} MB)")
+
+    n_heads = model.n_layers * model.n_heads
+    retrieval = scores.above(0.1)
+    top = ", ".join(f"{h.dotted} ({scores.score(h):.2f})" for h in scores.top(5))
+    k = 6
+    print("\nSummary")
+    print(f"  model         {model.name}: {model.n_layers} layers x {model.n_heads} heads")
+    print(f"  top heads     {top}")
+    print(
+        f"  sparsity      {len(retrieval)} of {n_heads} heads score > 0.1 ({len(retrieval) / n_heads:.1%})"
+    )
+    print(
+        f"  NIAH accuracy baseline {rows[(0, 'none')].accuracy:.0%}; top-{k} masked "
+        f"{rows[(k, 'top')].accuracy:.0%}; {k} random masked {rows[(k, 'random')].accuracy:.0%}"
+        f" ± {rows[(k, 'random')].accuracy_std:.0%}"
+    )
+    print(f"  report        {report}   (took {time.perf_counter() - began:.0f} s)")
     return 0
 
 

@@ -220,8 +220,14 @@ class HookedModel:
         n_ctx: int | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         fast_prefill: bool = True,
+        name: str | None = None,
+        world: str | None = None,
     ) -> None:
         self.bridge = bridge
+        # What the user called it (registry name, path or hub id): results record it.
+        self.name = name or type(bridge.original_model).__name__
+        # The synthetic world whose prompts the model was trained on ("tiny"), if any.
+        self.world = world
         self.bridge.eval()
         self.hf_model = bridge.original_model
         self.tokenizer = bridge.tokenizer
@@ -870,7 +876,9 @@ def load_model(
         )
 
     source: str | Path = os.fspath(name_or_path)
+    name, world = str(source), None
     if isinstance(source, str) and registry.lookup(source) is not None:
+        world = registry.lookup(source).world
         source = registry.resolve(source)
 
     boot_kwargs: dict[str, Any] = {
@@ -908,7 +916,7 @@ def load_model(
     except OSError as exc:
         raise ModelLoadError(f"cannot load {boot_source}: {exc}") from None
     _check_n_ctx(bridge, n_ctx)
-    return HookedModel(bridge, n_ctx=n_ctx)
+    return HookedModel(bridge, n_ctx=n_ctx, name=name, world=world)
 
 
 def _load_object(
@@ -944,4 +952,4 @@ def _load_object(
         name, hf_model=hf_model, tokenizer=tokenizer, device=param.device, dtype=param.dtype
     )
     _check_n_ctx(bridge, n_ctx)
-    return HookedModel(bridge, n_ctx=n_ctx)
+    return HookedModel(bridge, n_ctx=n_ctx, name=name)

@@ -29,6 +29,7 @@ class RegistryEntry:
     package_path: str | None = None
     hub_id: str | None = None
     build_hint: str | None = None  # how to create a missing packaged directory
+    world: str | None = None  # a synthetic world whose prompts the model expects ("tiny")
 
     def __post_init__(self) -> None:
         if (self.package_path is None) == (self.hub_id is None):
@@ -40,11 +41,13 @@ MODELS: dict[str, RegistryEntry] = {
         description="the embedded default: a tiny Llama trained on a synthetic retrieval language",
         package_path="tiny/weights/default",
         build_hint="run `make train-tiny`",
+        world="tiny",
     ),
     "tiny-short": RegistryEntry(
         description="the embedded tiny Llama trained on short contexts only",
         package_path="tiny/weights/short",
         build_hint="run `make train-tiny`",
+        world="tiny",
     ),
 }
 

@@ -1,0 +1,333 @@
+"""The ``retrieval-heads`` command: parse, call the library, print. No logic the library lacks.
+
+Subcommands: ``detect``, ``ablate``, ``patch``, ``report``, ``compare``, ``export``, ``models``.
+Errors a user can fix (bad input, a model that is not there, results from another run) print one
+short message and exit 2; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="registry name, HF directory or hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--n-ctx", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_trial_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", type=_ints, default=None, help="e.g. 1000,2000,4000")
+    p.add_argument("--min-length", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--n-lengths", type=int, default=5)
+    p.add_argument("--depths", type=_floats, default=None, help="percent, e.g. 0,50,100")
+    p.add_argument("--n-depths", type=int, default=5)
+    p.add_argument("--needles", type=Path, default=None, help="JSONL: id, needle, question, answer")
+    p.add_argument("--n-needles", type=int, default=4, help="built-in needles to use")
+    p.add_argument("--n-distractors", type=int, default=2)
+    p.add_argument("--haystack", type=Path, default=None, help="a .txt file or a folder of them")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retrieval-heads",
+        description="Find, test and show the attention heads a model uses to retrieve from context.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("detect", help="score every head on a needle-in-a-haystack grid")
+    _add_model_args(p)
+    _add_trial_args(p)
+    p.add_argument("--out", type=Path, required=True, help="results directory (resumable)")
+    p.add_argument("--top", type=int, default=10, help="top heads to print")
+
+    p = sub.add_parser("ablate", help="K-sweep: mask top-K retrieval heads vs K random heads")
+    _add_model_args(p)
+    _add_trial_args(p)
+    p.add_argument("--scores", type=Path, required=True, help="a detect results directory")
+    p.add_argument("--top-k", type=_ints, default=[0, 1, 2, 5, 10, 20, 50], help="K values")
+    p.add_argument("--random", type=int, default=5, help="random draws per K")
+    p.add_argument("--mode", default="uniform", help="uniform, zero, mean, resample, knockout")
+    p.add_argument("--phase", default="decode", choices=["decode", "all"])
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("patch", help="activation patching per head (clean needle into corrupt)")
+    _add_model_args(p)
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scores", type=Path, default=None, help="detect results to correlate with")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("report", help="one self-contained HTML report from results directories")
+    p.add_argument("dirs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("report.html"))
+    p.add_argument("--model", default=None, help="load this model to draw attention views")
+
+    p = sub.add_parser("compare", help="agreement of two score files or results directories")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--k", type=int, default=20, help="top-k for the Jaccard index")
+
+    p = sub.add_parser("export", help="write scores in the published {'L-H': [...]} format")
+    p.add_argument("results", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+
+    sub.add_parser("models", help="list registered models and supported architectures")
+    return parser
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def load(args):
+    from retrieval_heads.model import load_model
+
+    return load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        n_ctx=args.n_ctx,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def trials_for(model, args):
+    """The NIAH grid for this model: its own world's prompts for the embedded model."""
+    from retrieval_heads import haystack as hs
+
+    room = 32  # tokens left for the answer
+    high = args.max_length or min(model.n_ctx, 32768) - room
+    low = args.min_length or max(64, high // 8)
+    lengths = args.lengths or hs.linspace_lengths(low, high, args.n_lengths)
+    depths = args.depths if args.depths is not None else hs.linspace_depths(args.n_depths)
+    tiny = model.world == "tiny" and args.needles is None and args.haystack is None
+    if tiny:
+        return hs.tiny_grid(
+            model.tokenizer,
+            lengths=lengths,
+            depths=depths,
+            n_needles=args.n_needles,
+            n_distractors=args.n_distractors,
+            seed=args.seed,
+        )
+    haystack = hs.Haystack.from_path(args.haystack) if args.haystack else hs.Haystack.filler()
+    needles = hs.load_needles(args.needles) if args.needles else hs.default_needles()
+    return hs.make_grid(
+        model.tokenizer,
+        haystack,
+        needles[: args.n_needles] if not args.needles else needles,
+        lengths=lengths,
+        depths=depths,
+        n_distractors=args.n_distractors,
+        seed=args.seed,
+        template=hs.PromptTemplate(chat=True) if args.chat else None,
+        n_ctx=model.n_ctx,
+    )
+
+
+def run_config(args, trials) -> dict:
+    keys = ("lengths", "depths", "n_lengths", "n_depths", "n_needles", "n_distractors", "chat")
+    config = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    config.update(
+        needles=str(args.needles) if args.needles else "built-in",
+        haystack=str(args.haystack) if args.haystack else "built-in",
+        max_new_tokens=args.max_new_tokens,
+        trials=len(trials),
+        trial_lengths=sorted({t.context_length for t in trials}),
+    )
+    return config
+
+
+def print_top(scores, n: int) -> None:
+    print(f"\n{'head':>6}  {'score':>6}  {'95% CI':>15}  passing trials")
+    for head in scores.top(n):
+        s = scores.stats(head)
+        print(
+            f"{head.dotted:>6}  {s['mean']:6.3f}  [{s['ci_low']:.3f}, {s['ci_high']:.3f}]  {s['n']}"
+        )
+    share = len(scores.above(0.1)) / (scores.n_layers * scores.n_heads)
+    print(
+        f"\n{len(scores.above(0.1))} of {scores.n_layers * scores.n_heads} heads score above 0.1 "
+        f"({share:.1%}); {scores.n_passed} of {scores.n_total} trials passed"
+    )
+
+
+def cmd_detect(args) -> int:
+    from retrieval_heads.scoring import DecodeConfig, detect
+
+    model = load(args)
+    trials = trials_for(model, args)
+    print(f"{model.name}: {len(trials)} trials -> {args.out}")
+    scores = detect(
+        model,
+        trials,
+        out=args.out,
+        config=DecodeConfig(max_new_tokens=args.max_new_tokens),
+        model_name=model.name,
+        run_config=run_config(args, trials),
+        seed=args.seed,
+        progress=True,
+    )
+    print_top(scores, args.top)
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from retrieval_heads import analysis, causal
+    from retrieval_heads.results import load_results
+    from retrieval_heads.scoring import DecodeConfig
+
+    _, scores, _ = load_results(args.scores)
+    model = load(args)
+    if (scores.n_layers, scores.n_heads) != (model.n_layers, model.n_heads):
+        raise ValueError(
+            f"{args.scores} holds scores for {scores.n_layers} x {scores.n_heads} heads but "
+            f"{model.name} has {model.n_layers} x {model.n_heads}: detect on this model first"
+        )
+    trials = trials_for(model, args)
+    records = causal.k_sweep(
+        model,
+        trials,
+        scores,
+        args.top_k,
+        draws=args.random,
+        seed=args.seed,
+        mode=args.mode,
+        phase=args.phase,
+        out=args.out,
+        config=DecodeConfig(max_new_tokens=args.max_new_tokens),
+        progress=True,
+    )
+    print(analysis.format_k_sweep(analysis.k_sweep(records)))
+    return 0
+
+
+def cmd_patch(args) -> int:
+    import json
+
+    from retrieval_heads import causal
+    from retrieval_heads.results import atomic_write_text, load_results
+
+    model = load(args)
+    effect = causal.patching_map(model, n_pairs=args.pairs, seed=args.seed, length=args.length)
+    out = {"model": model.name, "pairs": args.pairs, "seed": args.seed, "effect": effect.tolist()}
+    if args.scores:
+        _, scores, _ = load_results(args.scores)
+        out["agreement"] = causal.patching_vs_scores(effect, scores)
+        print(f"agreement with retrieval scores: {out['agreement']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "patching.json", json.dumps(out, indent=1))
+    print(f"wrote {args.out / 'patching.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from retrieval_heads.views.report import build_report
+
+    model = None
+    if args.model:
+        from retrieval_heads.model import load_model
+
+        model = load_model(args.model)
+    path = build_report(args.dirs, args.out, model=model)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from retrieval_heads import analysis
+    from retrieval_heads.results import load_results
+
+    _, a, _ = load_results(args.a)
+    _, b, _ = load_results(args.b)
+    result = analysis.agreement(a, b, k=args.k)
+    print(f"heads compared      {result.n_heads}")
+    print(f"Pearson             {result.pearson:.3f}")
+    print(f"Spearman            {result.spearman:.3f}")
+    print(f"Jaccard of top-{result.k:<4} {result.jaccard:.3f}")
+    print(f"shared top heads    {', '.join(h.dotted for h in result.shared_top)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from retrieval_heads.results import load_results, write_published
+
+    _, scores, _ = load_results(args.results)
+    write_published(scores, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from retrieval_heads import registry
+
+    for name in registry.names():
+        print(f"{name:12} {registry.lookup(name).description}")
+    from retrieval_heads.model import supported_architectures
+
+    print("\nTransformerLens supports these architectures:")
+    print(", ".join(supported_architectures()))
+    return 0
+
+
+COMMANDS = {
+    "detect": cmd_detect,
+    "ablate": cmd_ablate,
+    "patch": cmd_patch,
+    "report": cmd_report,
+    "compare": cmd_compare,
+    "export": cmd_export,
+    "models": cmd_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished trials are saved; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"retrieval-heads {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # DetectionError and friends: a result, not a crash
+        print(f"retrieval-heads {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
