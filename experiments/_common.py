@@ -1,0 +1,237 @@
+"""Plumbing shared by the experiment scripts: arguments, models, detection, output files.
+
+Not an experiment. Each script in this folder imports it as ``_common`` (the scripts' folder is
+first on ``sys.path`` when a script runs; the slow tests put it there too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DEPTHS = [0.0, 50.0, 100.0]
+
+
+def parser(doc: str | None, out: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--out`` (default ``out``) and ``--seed``; the description is the
+    first paragraph of the script's docstring."""
+    description = (doc or "").strip().split("\n\n")[0]
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, default=Path(out), help=f"results directory ({out})")
+    p.add_argument("--seed", type=int, default=0, help="seed of trials and random draws (0)")
+    return p
+
+
+def ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+
+
+def floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def add_grid_args(p: argparse.ArgumentParser, *, n_needles: int = 2) -> None:
+    """Arguments of a detection grid (defaults fit the model's context: 3 lengths up to it)."""
+    p.add_argument("--lengths", type=ints, default=None, help="e.g. 200,600,1000 (fit to n_ctx)")
+    p.add_argument("--depths", type=floats, default=DEFAULT_DEPTHS, help="percent (0,50,100)")
+    p.add_argument("--n-needles", type=int, default=n_needles, help=f"needles ({n_needles})")
+    p.add_argument("--n-distractors", type=int, default=2, help="distractor needles (2)")
+
+
+class Clock:
+    """Prints messages with the seconds since the script started."""
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {message}", flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+
+@functools.cache
+def load(name: str) -> Any:
+    """A model by registry name or directory, loaded once per process (scripts share it)."""
+    from retrieval_heads.model import load_model
+
+    return load_model(name)
+
+
+def default_lengths(n_ctx: int, n: int = 3) -> list[int]:
+    """``n`` lengths up to the context (tiny: 200, 600, 1000; tiny-short: 64, 157, 250)."""
+    from retrieval_heads.haystack import linspace_lengths
+
+    high = n_ctx - 6 if n_ctx <= 512 else n_ctx - 24
+    low = max(64, round(high / 5))
+    return linspace_lengths(low, high, n)
+
+
+def grid_for(
+    model: Any,
+    *,
+    lengths: Sequence[int] | None,
+    depths: Sequence[float],
+    n_needles: int,
+    n_distractors: int,
+    seed: int,
+) -> list:
+    """The NIAH grid for ``model``: the embedded world's for the tiny models, else the built-in
+    filler and needles (the paper's prompt)."""
+    from retrieval_heads import haystack as hs
+
+    lengths = list(lengths) if lengths else default_lengths(model.n_ctx)
+    if getattr(model, "world", None) == "tiny":
+        return hs.tiny_grid(
+            model.tokenizer,
+            lengths=lengths,
+            depths=depths,
+            n_needles=n_needles,
+            n_distractors=n_distractors,
+            seed=seed,
+        )
+    return hs.make_grid(
+        model.tokenizer,
+        hs.Haystack.filler(),
+        hs.default_needles()[:n_needles],
+        lengths=lengths,
+        depths=depths,
+        n_distractors=n_distractors,
+        seed=seed,
+        n_ctx=model.n_ctx,
+    )
+
+
+def detect_or_load(
+    model_name: str,
+    out: Path,
+    *,
+    scores: str | Path | None = None,
+    lengths: Sequence[int] | None = None,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    n_needles: int = 2,
+    n_distractors: int = 2,
+    seed: int = 0,
+    say: Clock | None = None,
+) -> tuple[dict[str, Any], Any, list, str]:
+    """``(meta, HeadScores, records, source)``: read ``scores`` (a results directory or any file
+    :func:`~retrieval_heads.results.load_results` reads) when given, else detect on
+    ``model_name`` into ``out`` (resumable: a rerun reuses what is there)."""
+    from retrieval_heads.results import load_results
+    from retrieval_heads.scoring import detect
+
+    if scores is not None:
+        meta, head_scores, records = load_results(scores)
+        if say:
+            say(f"read scores from {scores} ({head_scores.n_passed} passing trials)")
+        return meta, head_scores, records, str(scores)
+    model = load(model_name)
+    trials = grid_for(
+        model,
+        lengths=lengths,
+        depths=depths,
+        n_needles=n_needles,
+        n_distractors=n_distractors,
+        seed=seed,
+    )
+    used = sorted({t.context_length for t in trials})
+    if say:
+        say(f"detect on {model.name}: {len(trials)} trials, lengths {used} -> {out}")
+    grid = {
+        "lengths": used,
+        "depths": list(depths),
+        "n_needles": n_needles,
+        "n_distractors": n_distractors,
+    }
+    detect(model, trials, out=out, model_name=model.name, run_config={"grid": grid}, seed=seed)
+    meta, head_scores, records = load_results(out)
+    return meta, head_scores, records, str(out)
+
+
+def is_results(source: str | Path) -> bool:
+    """Whether ``source`` names stored scores (a score file, a ``trials.jsonl``, or a results
+    directory) rather than a model (a registry name or an HF directory, to detect on)."""
+    path = Path(source)
+    if path.is_file():
+        return True
+    names = ("meta.json", "head_scores.json", "trials.jsonl")
+    return path.is_dir() and any((path / n).exists() for n in names)
+
+
+def label_for(source: str | Path, meta: dict[str, Any] | None = None) -> str:
+    """A short name for a result set: a file's stem, a results directory's model, or the
+    model name as given."""
+    path = Path(source)
+    if path.is_file():
+        return path.stem
+    if is_results(path):
+        return str((meta or {}).get("model") or path.name)
+    return str(source)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-able: NaN/inf to None, tuples to lists, Heads to "L.H", numpy to Python."""
+    import numpy as np
+
+    from retrieval_heads.heads import Head
+
+    if isinstance(value, Head):
+        return value.dotted
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, value: Any) -> Path:
+    from retrieval_heads.results import atomic_write_text
+
+    atomic_write_text(path, json.dumps(_clean(value), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    from retrieval_heads.results import atomic_write_text
+
+    atomic_write_text(path, text)
+    return path
+
+
+def write_figure(fig: Any, path: Path) -> Path:
+    """A standalone HTML file (plotly.js inlined: opens offline)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    return path
+
+
+def finish(out: Path, files: Sequence[Path], say: Clock) -> None:
+    """Print where the results went."""
+    say(f"results in {out}/")
+    for f in files:
+        print(f"  {f}")
