@@ -38,24 +38,28 @@ bench: setup
 detect: setup
 	$(PY) -m retrieval_heads detect --model $(MODEL) --out $(OUT)/detect
 
+# Detects first when no scores exist for that model.
 ablate: setup
+	test -f $(OUT)/detect/head_scores.json || $(PY) -m retrieval_heads detect --model $(MODEL) --out $(OUT)/detect
 	$(PY) -m retrieval_heads ablate --model $(MODEL) --scores $(OUT)/detect --top-k $(K) --out $(OUT)/ablate
 
 report: setup
-	$(PY) -m retrieval_heads report $(OUT)/* --out $(OUT)/report.html
+	$(PY) -m retrieval_heads report $(wildcard $(OUT)/detect $(OUT)/ablate) --out $(OUT)/report.html --model $(MODEL)
 
 train-tiny: setup
 	$(PY) -m retrieval_heads.tiny.train --out retrieval_heads/tiny/weights
 
 docs: setup
-	$(PY) -m mkdocs build --strict
+	$(PY) -m pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 lint: setup
 	$(PY) -m ruff check retrieval_heads tests experiments
 	$(PY) -m ruff format --check retrieval_heads tests experiments
 
+# The HTML report's browser test needs Chromium (Debian's package).
 setup-browser:
-	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out bench-out
