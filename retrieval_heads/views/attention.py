@@ -200,6 +200,10 @@ class TrialAttention:
             f"<th>token copied</th></tr></thead><tbody>{rows}</tbody></table>{more}"
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows the view inline, with circuitsvis' JavaScript inlined (no CDN)."""
+        return self.standalone_html()
+
     def standalone_html(self) -> str:
         """A whole page (circuitsvis bundle inlined once, no network)."""
         return _page(self.title or "attention", self.to_html(), len(self.views))
