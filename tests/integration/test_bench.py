@@ -1,0 +1,53 @@
+"""The benchmark's ``--quick`` mode end to end (tiny lengths, in process; no timing checks)."""
+
+from __future__ import annotations
+
+import json
+
+from retrieval_heads import bench
+
+
+def test_quick_bench_writes_a_table_and_scorer_matches_plain_greedy(tmp_path, capsys):
+    out = tmp_path / "benchmarks.md"
+    out.write_text(
+        "# Benchmarks\n\nprose before\n\n"
+        "<!-- bench:cpu-tiny:begin -->\nold table\n<!-- bench:cpu-tiny:end -->\n\nprose after\n"
+    )
+    raw = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--out", str(out), "--json", str(raw)]) == 0
+
+    data = json.loads(raw.read_text())
+    by = {(r["method"], r["length"]): r for r in data["results"]}
+    assert data["lengths"] == list(bench.QUICK_LENGTHS)
+    for length in bench.QUICK_LENGTHS:
+        a, b, c = (by[(m, length)] for m in bench.METHODS)
+        assert a["status"] == b["status"] == c["status"] == "ok"
+        # Same prompt, same forced token count, and the scorer decodes exactly what plain
+        # greedy generation (HF SDPA + KV cache) decodes; so does the naive full-sequence way.
+        assert len(a["tokens"]) == data["new_tokens"] == 3
+        assert b["tokens"] == a["tokens"]
+        assert c["tokens"] == a["tokens"]
+        for r in (a, b, c):
+            assert r["total_s"] > 0 and r["peak_bytes"] >= 0
+
+    text = out.read_text()
+    assert "prose before" in text and "prose after" in text and "old table" not in text
+    begin, end = "<!-- bench:cpu-tiny:begin -->", "<!-- bench:cpu-tiny:end -->"
+    section = text.split(begin)[1].split(end)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    for length in bench.QUICK_LENGTHS:
+        for method in bench.METHODS:
+            label = bench.METHOD_LABELS[method]
+            assert any(f"| {length} | {label} |" in row for row in rows), (length, method)
+    assert "torch" in section and "transformer_lens" in section
+    assert capsys.readouterr().out.count("(b) scorer") == len(bench.QUICK_LENGTHS)
+
+
+def test_write_section_appends_missing_markers_and_keeps_other_sections(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Title\n\n<!-- bench:cuda-1b:begin -->\npending\n<!-- bench:cuda-1b:end -->\n")
+    bench.write_section(doc, "cpu-small", "cpu table")
+    bench.write_section(doc, "cpu-small", "cpu table v2")
+    text = doc.read_text()
+    assert "pending" in text and "cpu table v2" in text and "cpu table\n" not in text
+    assert text.count("<!-- bench:cpu-small:begin -->") == 1
