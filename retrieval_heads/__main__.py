@@ -3,4 +3,4 @@
 if __name__ == "__main__":
     from retrieval_heads.cli import main
 
-    main()
+    raise SystemExit(main())

@@ -2,7 +2,9 @@
 
 Subcommands: ``detect``, ``ablate``, ``patch``, ``report``, ``compare``, ``export``, ``models``.
 Errors a user can fix (bad input, a model that is not there, results from another run) print one
-short message and exit 2; nothing already written is touched.
+short message and exit 2; nothing already written is touched. A failure of the machine (a full
+disk, an I/O error) prints one line and exits 1, as does a run that produced no result
+(no trial passed). The catalogue of errors is in ``docs/errors.md``.
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands -----------------------------------------------------------------------------------
 
 
+def _check_out_file(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a directory: give a file name inside it")
+
+
 def load(args):
     from retrieval_heads.model import load_model
 
@@ -141,6 +148,8 @@ def trials_for(model, args):
         )
     haystack = hs.Haystack.from_path(args.haystack) if args.haystack else hs.Haystack.filler()
     needles = hs.load_needles(args.needles) if args.needles else hs.default_needles()
+    if not needles:
+        raise hs.TrialError(f"needles file {args.needles} holds no needles")
     return hs.make_grid(
         model.tokenizer,
         haystack,
@@ -253,6 +262,7 @@ def cmd_patch(args) -> int:
 def cmd_report(args) -> int:
     from retrieval_heads.views.report import build_report
 
+    _check_out_file(args.out)
     model = None
     if args.model:
         from retrieval_heads.model import load_model
@@ -281,6 +291,7 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from retrieval_heads.results import load_results, write_published
 
+    _check_out_file(args.out)
     _, scores, _ = load_results(args.results)
     write_published(scores, args.out)
     print(f"wrote {args.out}")
@@ -326,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as exc:  # DetectionError and friends: a result, not a crash
         print(f"retrieval-heads {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine, not the input: a full disk, an I/O error
+        print(f"retrieval-heads {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -302,26 +302,33 @@ def load_needles(path: str | Path) -> list[Needle]:
     path = Path(path)
     needles: list[Needle] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}: "
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TrialError(f"{where}not valid JSON ({error.msg})") from None
-            if not isinstance(data, dict):
-                raise TrialError(f"{where}expected a JSON object, got {type(data).__name__}")
-            needle = _needle_from_dict(data, where)
-            if needle.needle_id in seen:
-                raise TrialError(
-                    f"{where}needle id {needle.needle_id!r} already used on line "
-                    f"{seen[needle.needle_id]}"
-                )
-            seen[needle.needle_id] = number
-            needles.append(needle)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}: "
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise TrialError(f"{where}not valid JSON ({error.msg})") from None
+                if not isinstance(data, dict):
+                    raise TrialError(f"{where}expected a JSON object, got {type(data).__name__}")
+                needle = _needle_from_dict(data, where)
+                if needle.needle_id in seen:
+                    raise TrialError(
+                        f"{where}needle id {needle.needle_id!r} already used on line "
+                        f"{seen[needle.needle_id]}"
+                    )
+                seen[needle.needle_id] = number
+                needles.append(needle)
+    except UnicodeDecodeError as error:
+        raise TrialError(f"{path}: {_not_utf8(error)}; needles are a UTF-8 JSONL file") from None
     return needles
+
+
+def _not_utf8(error: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (it holds byte {error.object[error.start]:#04x}; is it binary?)"
 
 
 def default_needles() -> list[Needle]:
@@ -503,7 +510,14 @@ class Haystack:
             for file in files:
                 block: list[str] = []
                 size = 0
-                for paragraph in re.split(r"\n\s*\n", file.read_text(encoding="utf-8")):
+                try:
+                    text = file.read_text(encoding="utf-8")
+                except UnicodeDecodeError as error:
+                    raise TrialError(
+                        f"haystack file {str(file)!r}: {_not_utf8(error)}; a haystack is "
+                        "UTF-8 .txt files"
+                    ) from None
+                for paragraph in re.split(r"\n\s*\n", text):
                     if paragraph.strip():
                         block.append(paragraph.strip())
                         size += len(block[-1])

@@ -10,6 +10,7 @@ Three spellings are accepted, because each is in use somewhere:
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,23 @@ _PATTERNS = (
     re.compile(r"^\s*(\d+)\s*[.\-]\s*(\d+)\s*$"),
     re.compile(r"^\s*[Ll](\d+)\s*[Hh](\d+)\s*$"),
 )
+
+
+def _index(value: object, label: object) -> int:
+    """One half of a ``(layer, head)`` pair: a non-negative integer, or a string of digits."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        return int(value)
+    if not isinstance(value, (str, bool, float)):
+        try:
+            number = operator.index(value)  # int, numpy integers
+        except TypeError:
+            pass
+        else:
+            if number >= 0:
+                return number
+    raise ValueError(
+        f"malformed head label {label!r}: a pair must hold two non-negative integers, e.g. (3, 5)"
+    )
 
 
 @dataclass(frozen=True, order=True)
@@ -32,7 +50,7 @@ class Head:
         if isinstance(label, Head):
             return label
         if isinstance(label, tuple) and len(label) == 2:
-            return cls(int(label[0]), int(label[1]))
+            return cls(_index(label[0], label), _index(label[1], label))
         if not isinstance(label, str):
             raise ValueError(f"head label must be a string like '3.5', got {label!r}")
         for pattern in _PATTERNS:
@@ -75,7 +93,13 @@ def parse_heads(
     """Parse a comma-separated string or a list of labels; range-check when the shape is given."""
     if isinstance(labels, str):
         labels = [part for part in labels.split(",") if part.strip()]
-    heads = [Head.parse(label) for label in labels]
+    try:
+        items = list(labels)
+    except TypeError:
+        raise ValueError(
+            f"head labels must be a comma-separated string or a list, got {labels!r}"
+        ) from None
+    heads = [Head.parse(label) for label in items]
     if n_layers is not None and n_heads is not None:
         heads = [h.check(n_layers, n_heads) for h in heads]
     return heads

@@ -744,15 +744,17 @@ def _load_config(source: str, trust_remote_code: bool, *, local: bool) -> Any:
             raise ModelLoadError(f"cannot read {source}/config.json: {exc}") from None
         from huggingface_hub import constants
 
+        # A bare name (no "org/") is more likely a mistyped registry name than a hub id.
+        known = "" if "/" in source else f"; registered names: {', '.join(registry.names())}"
         if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             raise ModelLoadError(
                 f"model {source!r} is not in the local Hugging Face cache and the hub is "
                 "offline (HF_HUB_OFFLINE): download it once with network access, or pass a "
-                "local directory"
+                f"local directory{known}"
             ) from None
         raise ModelLoadError(
             f"cannot fetch {source!r} from the Hugging Face hub ({type(exc).__name__}): check "
-            "the name, your network and, for gated models, `huggingface-cli login`"
+            f"the name, your network and, for gated models, `huggingface-cli login`{known}"
         ) from None
 
 
@@ -807,6 +809,58 @@ def _tokenizer_with_bos(tokenizer: Any) -> Any:
     except Exception:  # a tokenizer class without a settable flag: leave it to TransformerLens
         pass
     return tokenizer
+
+
+def _check_device(device: str | torch.device | None) -> None:
+    """Refuse a device torch does not know, or one this machine does not have, in plain words."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(
+            f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device {str(device)!r} asked for, but CUDA is not available here "
+                "(torch.cuda.is_available() is False): use device 'cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {str(device)!r} asked for, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {str(device)!r} asked for, but MPS is not available here")
+
+
+def _is_weights_error(exc: BaseException) -> bool:
+    """A weights file that cannot be deserialised (corrupt, truncated, or a pickle that
+    ``torch.load(weights_only=True)`` refuses because it would run code)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return True
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors ships with transformers
+        return False
+    return isinstance(exc, SafetensorError)
+
+
+def _weights_error_text(exc: BaseException) -> str:
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return (
+            "the checkpoint is a pickle that torch.load(weights_only=True) refuses (it holds "
+            "more than tensors and could run code when loaded); get safetensors weights from "
+            "a source you trust"
+        )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"the weights file is corrupt or truncated ({first}); download it again"
 
 
 def _looks_like_path(text: str) -> bool:
@@ -866,6 +920,7 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype)
     if device is not None and device_map is not None:
         raise ModelLoadError("pass device or device_map, not both")
+    _check_device(device)
 
     if isinstance(name_or_path, torch.nn.Module):
         return _load_object(name_or_path, device, torch_dtype, n_ctx, tokenizer)
@@ -915,6 +970,12 @@ def load_model(
         )
     except OSError as exc:
         raise ModelLoadError(f"cannot load {boot_source}: {exc}") from None
+    except Exception as exc:
+        if not _is_weights_error(exc):
+            raise
+        raise ModelLoadError(
+            f"cannot load the weights of {boot_source}: {_weights_error_text(exc)}"
+        ) from None
     _check_n_ctx(bridge, n_ctx)
     return HookedModel(bridge, n_ctx=n_ctx, name=name, world=world)
 

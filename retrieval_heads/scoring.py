@@ -36,7 +36,7 @@ from torch import Tensor
 
 from retrieval_heads.grading import classify_failure, grade
 from retrieval_heads.haystack import Trial
-from retrieval_heads.model import HookedModel
+from retrieval_heads.model import ContextLengthError, HookedModel
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
 
 SCORERS = ("retrieval", "topk", "attention_mass")
@@ -265,6 +265,7 @@ def detect(
     run_config = dict(run_config or {})
     run_config.setdefault("decode", config.__dict__ | {"stop_strings": list(config.stop_strings)})
     name = model_name or getattr(model, "name", None) or type(model.hf_model).__name__
+    check_lengths(model, trials)  # before a results directory is made for a run that cannot run
     if out is None:
         records = list(iter_detect(model, _progress(trials, progress), config, hooks))
     else:
@@ -281,6 +282,22 @@ def detect(
     if require_pass and not any(r.passed for r in records):
         raise DetectionError(failure_summary(records))
     return HeadScores.from_records(records)
+
+
+def check_lengths(model: HookedModel, trials: Iterable[Trial]) -> None:
+    """Raise :class:`~retrieval_heads.model.ContextLengthError` if a trial exceeds ``n_ctx``.
+
+    Only a sequence of trials is checked (an iterator is left unconsumed)."""
+    n_ctx = getattr(model, "n_ctx", None)
+    if not isinstance(n_ctx, int) or not isinstance(trials, Sequence):
+        return
+    too_long = sorted({len(t.input_ids) for t in trials if len(t.input_ids) > n_ctx})
+    if too_long:
+        shown = ", ".join(map(str, too_long[:5])) + (", ..." if len(too_long) > 5 else "")
+        raise ContextLengthError(
+            f"trials of {shown} tokens exceed the model's context window n_ctx={n_ctx}: use "
+            f"lengths <= {n_ctx}, or load the model with a larger n_ctx if it can take one"
+        )
 
 
 def failure_summary(records: Sequence[TrialRecord], n: int = 5) -> str:
