@@ -104,6 +104,8 @@ LOCK_FILE = ".lock"
 
 # Exact integers survive a trip through float64 only up to 2**53.
 _MAX_EXACT_INT = 2**53
+# Score cells (trials x layers x heads) a file may ask for: 16 GB of float64.
+_MAX_CELLS = 2**31
 
 
 class ResultsError(ValueError):
@@ -164,6 +166,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part.
 
@@ -173,16 +179,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; results are meant to be shared: give it the umask's mode.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # "[Errno 28] No space left on device: '<path>'"
         raise
     _fsync_dir(path.parent)
 
@@ -192,12 +202,21 @@ def _read_json(path: Path, what: str) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ResultsError(f"{what} {path}: cannot read it ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ResultsError(f"{what} {path}: {_not_utf8(exc)}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ResultsError(
             f"{what} {path}: not valid JSON ({exc}); the file may be truncated or corrupt"
         ) from exc
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return (
+        f"not UTF-8 text (byte {exc.object[exc.start]:#04x}); the file is corrupt or not a "
+        "retrieval-heads file"
+    )
 
 
 def _is_number(x: Any) -> bool:
@@ -348,6 +367,10 @@ class TrialRecord:
             )
         if not isinstance(self.params, dict):
             fail(f"params must be an object, got {type(self.params).__name__}")
+        try:  # what to_json() will need: NaN or infinity would fail only when written
+            _dumps(_jsonable(self.params))
+        except ValueError:
+            fail("params must hold finite numbers only (NaN and infinity are not JSON)")
         if not isinstance(self.expected, str):
             fail("expected must be a string")
         if not isinstance(self.generated_text, str):
@@ -460,7 +483,8 @@ def _sum_trials(table: np.ndarray) -> np.ndarray:
     """Sum ``[trial, layer, head]`` over trials with numpy's pairwise summation (it applies only
     along a contiguous axis), so a head's mean equals ``np.mean`` of its list bit for bit."""
     n_trials = table.shape[0]
-    flat = np.ascontiguousarray(table.reshape(n_trials, -1).T)
+    # An explicit width: reshape(0, -1) is ambiguous (no passing trial at all).
+    flat = np.ascontiguousarray(table.reshape(n_trials, math.prod(table.shape[1:])).T)
     return flat.sum(axis=1).reshape(table.shape[1:])
 
 
@@ -860,13 +884,18 @@ class HeadScores:
             passed = list(data["trials"]["passed"])
             per_trial = data["per_trial"]
             boot = data.get("bootstrap", {})
-        except (KeyError, TypeError, ValueError) as exc:
+            if not isinstance(boot, Mapping):
+                raise TypeError(f"bootstrap must be an object, got {type(boot).__name__}")
+            n_resamples = int(boot.get("n_resamples", 1000))
+            boot_seed = int(boot.get("seed", 0))
+            confidence = float(boot.get("confidence", 0.95))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ResultsError(f"{where}: missing or malformed field ({exc!r})") from exc
         if len(passed) != len(ids) or not all(isinstance(p, bool) for p in passed):
             raise ResultsError(f"{where}: trials.passed must be one true/false per trial id")
         if not isinstance(per_trial, Mapping):
             raise ResultsError(f"{where}: per_trial must be an object")
-        values = np.full((len(ids), n_layers, n_heads), np.nan)
+        values = _table((len(ids), n_layers, n_heads), where)
         int_mask = np.zeros(values.shape, dtype=bool)
         present = np.zeros((n_layers, n_heads), dtype=bool)
         for label, column in per_trial.items():
@@ -888,9 +917,9 @@ class HeadScores:
                 scorer=str(data.get("scorer", "retrieval")),
                 present=present,
                 int_mask=int_mask if int_mask.any() else None,
-                n_resamples=int(boot.get("n_resamples", 1000)),
-                seed=int(boot.get("seed", 0)),
-                confidence=float(boot.get("confidence", 0.95)),
+                n_resamples=n_resamples,
+                seed=boot_seed,
+                confidence=confidence,
                 source=str(source) if source is not None else None,
             )
         except ValueError as exc:
@@ -934,6 +963,22 @@ class _quiet_nan_warnings:
 
 # ---------------------------------------------------------------------------------------------
 # published format
+
+
+def _table(shape: tuple[int, int, int], where: str) -> np.ndarray:
+    """An all-NaN ``[trial, layer, head]`` table, or a ResultsError for a shape no model has."""
+    if min(shape[1:]) <= 0 or min(shape) < 0:
+        raise ResultsError(f"{where}: a score table needs layers and heads, got shape {shape}")
+    too_large = ResultsError(
+        f"{where}: a {shape[1]} x {shape[2]} head table over {shape[0]} trials is too large to "
+        "hold; is a head label wrong?"
+    )
+    if math.prod(shape) > _MAX_CELLS:  # refuse before allocating (overcommit would say yes)
+        raise too_large
+    try:
+        return np.full(shape, np.nan)
+    except (ValueError, MemoryError):
+        raise too_large from None
 
 
 def _parse_label(label: Any, where: str, n_layers: int | None, n_heads: int | None) -> Head:
@@ -1038,7 +1083,7 @@ def import_published(
         n_layers = max(h.layer for h, _, _ in parsed) + 1
         n_heads = max(h.head for h, _, _ in parsed) + 1
     n_trials = max(len(column) for _, _, column in parsed)
-    values = np.full((n_trials, n_layers, n_heads), np.nan)
+    values = _table((n_trials, n_layers, n_heads), where)
     int_mask = np.zeros(values.shape, dtype=bool)
     present = np.zeros((n_layers, n_heads), dtype=bool)
     for head, label, column in parsed:
@@ -1142,9 +1187,13 @@ class _DirLock:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, self._info().encode())
-                os.fsync(fd)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, self._info().encode())
+                    os.fsync(fd)
+                except BaseException:  # e.g. a full disk: do not keep the flock on a dead fd
+                    os.close(fd)
+                    raise
                 self._fd = fd
                 return
             os.close(fd)
@@ -1167,7 +1216,12 @@ class _DirLock:
                     raise self._busy() from None
                 self.path.unlink(missing_ok=True)
                 continue
-            os.write(fd, self._info().encode())
+            try:
+                os.write(fd, self._info().encode())
+            except BaseException:  # an empty pid file would block every later writer
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise
             os.close(fd)
             self._fd = -1
             return
@@ -1196,9 +1250,12 @@ def _trial_path(trials_dir: Path, trial_id: str) -> Path:
 def _read_jsonl(path: Path) -> list[TrialRecord]:
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085 ... unescaped
+        lines = path.read_text(encoding="utf-8").split("\n")
     except OSError as exc:
         raise ResultsError(f"trials file {path}: cannot read it ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ResultsError(f"trials file {path}: {_not_utf8(exc)}") from None
     for number, line in enumerate(lines, 1):
         if line.strip():
             records.append(TrialRecord.from_json(line, f"{path}, line {number}"))
@@ -1301,7 +1358,9 @@ class ResultsDir:
             meta.setdefault("resumed", []).append(_now())
             meta["status"] = "running"
         else:
-            if (self.path / TRIALS_FILE).exists() or self.trials_dir.exists():
+            # An empty trials/ is what a run killed (or out of disk) before its first meta.json
+            # write leaves: nothing to lose, so it does not block a fresh start.
+            if (self.path / TRIALS_FILE).exists() or any(self.trials_dir.glob("*.json")):
                 raise ResultsError(
                     f"results directory {self.path} has trials but no {META_FILE}, so what made "
                     "them is unknown; pass overwrite=True to start afresh"
@@ -1316,10 +1375,12 @@ class ResultsDir:
                 "extra": _jsonable(dict(extra_meta or {})),
             }
         self.meta: dict[str, Any] = meta
-        self.trials_dir.mkdir(exist_ok=True)
-        self._write_meta()
+        # Read what is done before touching meta.json: a corrupt trials.jsonl fails here and
+        # leaves the directory exactly as it was.
         self._done: set[str] = set(_jsonl_ids(self.path / TRIALS_FILE))
+        self.trials_dir.mkdir(exist_ok=True)
         self._done.update(_unquote_id(p.stem) for p in self.trials_dir.glob("*.json"))
+        self._write_meta()
         self._shape: tuple[int, int] | None = None
 
     def _check_compatible(self, meta: Any, wanted: dict[str, Any]) -> None:
@@ -1499,15 +1560,18 @@ def _jsonl_ids(path: Path) -> list[str]:
     if not path.exists():
         return []
     ids = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    ids.append(json.loads(line)["trial_id"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ResultsError(
-                        f"trials file {path}, line {number}: not a trial record ({exc!r})"
-                    ) from exc
+    try:
+        with path.open(encoding="utf-8", newline="\n") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        ids.append(json.loads(line)["trial_id"])
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise ResultsError(
+                            f"trials file {path}, line {number}: not a trial record ({exc!r})"
+                        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ResultsError(f"trials file {path}: {_not_utf8(exc)}") from None
     return ids
 
 
@@ -1552,6 +1616,11 @@ def load_results(path: str | Path) -> tuple[dict[str, Any], HeadScores, list[Tri
         raise ResultsError(
             f"score file {path}: unknown schema {data.get('schema')!r}; expected "
             f"{HEAD_SCORES_SCHEMA!r} or a published {{'layer-head': [scores]}} file"
+        )
+    if not isinstance(data, Mapping):  # never a str: import_published would read it as a path
+        raise ResultsError(
+            f"score file {path}: expected a JSON object (a head-scores file or a published "
+            f"{{'layer-head': [scores]}} file), got {type(data).__name__}"
         )
     scores = import_published(data, name=str(path))
     return {"format": "published", "source": str(path)}, scores, []

@@ -645,3 +645,14 @@ def test_provenance_and_no_model_imports():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_atomic_writes_get_the_umask_mode_not_0600(tmp_path):
+    import os
+    import stat
+
+    from retrieval_heads.results import _UMASK, atomic_write_text
+
+    target = tmp_path / "shared.json"
+    atomic_write_text(target, "{}")
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~_UMASK
