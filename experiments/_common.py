@@ -235,3 +235,19 @@ def finish(out: Path, files: Sequence[Path], say: Clock) -> None:
     say(f"results in {out}/")
     for f in files:
         print(f"  {f}")
+
+
+def detection(args: argparse.Namespace, out: Path, say: Clock):
+    """``detect_or_load`` with the grid options every experiment script takes (``add_grid_args``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return detect_or_load(
+        args.model,
+        out / "detect",
+        scores=args.scores,
+        lengths=args.lengths,
+        depths=args.depths,
+        n_needles=args.n_needles,
+        n_distractors=args.n_distractors,
+        seed=args.seed,
+        say=say,
+    )

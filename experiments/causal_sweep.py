@@ -46,18 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     say = C.Clock()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    _, scores, _, source = C.detect_or_load(
-        args.model,
-        out / "detect",
-        scores=args.scores,
-        lengths=args.lengths,
-        depths=args.depths,
-        n_needles=args.n_needles,
-        n_distractors=args.n_distractors,
-        seed=args.seed,
-        say=say,
-    )
+    _, scores, _, source = C.detection(args, out, say)
     model = C.load(args.model)
     if getattr(model, "world", None) == "tiny":
         # other needles than detection's (seed + 1): the sweep is not scored on its own trials

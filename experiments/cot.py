@@ -199,18 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     say = C.Clock()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    _, scores, _, source = C.detect_or_load(
-        args.model,
-        out / "detect",
-        scores=args.scores,
-        lengths=args.lengths,
-        depths=args.depths,
-        n_needles=args.n_needles,
-        n_distractors=args.n_distractors,
-        seed=args.seed,
-        say=say,
-    )
+    _, scores, _, source = C.detection(args, out, say)
     model = C.load(args.model)
     if args.questions is not None:
         result, text, groups = _harness(args, model, scores, out, say)

@@ -141,18 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     say = C.Clock()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    meta, scores, records, source = C.detect_or_load(
-        args.model,
-        out / "detect",
-        scores=args.scores,
-        lengths=args.lengths,
-        depths=args.depths,
-        n_needles=args.n_needles,
-        n_distractors=args.n_distractors,
-        seed=args.seed,
-        say=say,
-    )
+    meta, scores, records, source = C.detection(args, out, say)
     table = scores.as_array("mean")
     note = None
     rows = []

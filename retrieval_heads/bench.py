@@ -126,27 +126,9 @@ PRESETS = {
 def build_tokenizer(vocab_size: int):
     """The tiny world's word-level tokenizer, padded with ``<xN>`` words to ``vocab_size`` ids
     (so every id a random model can emit decodes)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     from retrieval_heads.tiny import world
 
-    words = list(world.VOCAB)
-    words += [f"<x{i}>" for i in range(max(0, vocab_size - len(words)))]
-    vocab = {token: i for i, token in enumerate(words)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        clean_up_tokenization_spaces=False,
-    )
+    return world.build_tokenizer(vocab_size)
 
 
 def build_model_dir(

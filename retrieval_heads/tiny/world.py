@@ -201,12 +201,17 @@ def make_chain(rng: random.Random, hops: int = 3, split: str = "test") -> dict:
 # --- tokenizer ----------------------------------------------------------------------------------
 
 
-def build_tokenizer():
-    """The world's word-level tokenizer as a ``PreTrainedTokenizerFast`` (adds ``<s>`` in front)."""
+def build_tokenizer(vocab_size: int | None = None):
+    """The world's word-level tokenizer as a ``PreTrainedTokenizerFast`` (adds ``<s>`` in front).
+
+    ``vocab_size`` pads the vocabulary with ``<xN>`` words, so that every id a bigger (random)
+    model can emit decodes: the benchmark's models use this.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(VOCAB)}
+    words = VOCAB + [f"<x{i}>" for i in range(max(0, (vocab_size or 0) - len(VOCAB)))]
+    vocab = {token: i for i, token in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
