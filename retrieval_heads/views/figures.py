@@ -108,6 +108,26 @@ def _cell_text(table: np.ndarray, digits: int = 2, blank_zero: bool = False) -> 
 # head scores
 
 
+def _layout_head_grid(
+    fig: go.Figure, title: dict[str, Any], n_layers: int, n_cols: int, x_title: str = "head"
+) -> go.Figure:
+    """Layers down (layer 0 on top), heads across: the layout every per-head heatmap shares."""
+    fig.update_layout(
+        **_LAYOUT,
+        title=title,
+        height=max(320, min(900, 90 + 22 * n_layers)),
+        plot_bgcolor=_MISSING_BG,
+    )
+    fig.update_xaxes(title_text=x_title, showgrid=False, dtick=1 if n_cols <= 32 else None)
+    fig.update_yaxes(
+        title_text="layer",
+        autorange="reversed",
+        showgrid=False,
+        dtick=1 if n_layers <= 32 else None,
+    )
+    return fig
+
+
 def score_heatmap(
     scores: HeadScores | np.ndarray,
     *,
@@ -221,20 +241,9 @@ def score_heatmap(
     subtitle = f"{int((shown > threshold).sum())} of {shown.size} {unit} &gt; {threshold:g}"
     if hs is not None:
         subtitle += f"; {hs.n_passed} of {hs.n_total} trials passed"
-    fig.update_layout(
-        **_LAYOUT,
-        title=_title(title or default_title, subtitle),
-        height=max(320, min(900, 90 + 22 * n_layers)),
-        plot_bgcolor=_MISSING_BG,
+    return _layout_head_grid(
+        fig, _title(title or default_title, subtitle), n_layers, n_cols, x_title=x_title
     )
-    fig.update_xaxes(title_text=x_title, showgrid=False, dtick=1 if n_cols <= 32 else None)
-    fig.update_yaxes(
-        title_text="layer",
-        autorange="reversed",
-        showgrid=False,
-        dtick=1 if n_layers <= 32 else None,
-    )
-    return fig
 
 
 def score_histogram(
@@ -644,20 +653,9 @@ def effect_heatmap(
             hovertemplate=f"head %{{customdata[0]}}<br>{esc(value_label)} %{{z:.3f}}<extra></extra>",
         )
     )
-    fig.update_layout(
-        **_LAYOUT,
-        title=_title(title or f"{value_label.capitalize()} per head"),
-        height=max(320, min(900, 90 + 22 * n_layers)),
-        plot_bgcolor=_MISSING_BG,
+    return _layout_head_grid(
+        fig, _title(title or f"{value_label.capitalize()} per head"), n_layers, n_heads
     )
-    fig.update_xaxes(title_text="head", showgrid=False, dtick=1 if n_heads <= 32 else None)
-    fig.update_yaxes(
-        title_text="layer",
-        autorange="reversed",
-        showgrid=False,
-        dtick=1 if n_layers <= 32 else None,
-    )
-    return fig
 
 
 def model_scatter(
@@ -799,20 +797,9 @@ def activation_frequency_heatmap(
             ),
         )
     )
-    fig.update_layout(
-        **_LAYOUT,
-        title=_title(title or "Activation frequency per head", subtitle),
-        height=max(320, min(900, 90 + 22 * n_layers)),
-        plot_bgcolor=_MISSING_BG,
+    return _layout_head_grid(
+        fig, _title(title or "Activation frequency per head", subtitle), n_layers, n_heads
     )
-    fig.update_xaxes(title_text="head", showgrid=False, dtick=1 if n_heads <= 32 else None)
-    fig.update_yaxes(
-        title_text="layer",
-        autorange="reversed",
-        showgrid=False,
-        dtick=1 if n_layers <= 32 else None,
-    )
-    return fig
 
 
 def answer_class_key(records: Iterable[TrialRecord]) -> str | None:
