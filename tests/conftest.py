@@ -236,3 +236,16 @@ def tiny_trials(tiny_model):
     from retrieval_heads.haystack import tiny_grid
 
     return tiny_grid(tiny_model.tokenizer, lengths=[150, 400], depths=[0, 50, 100], n_needles=2)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (use with ``pytest.mark.usefixtures``): the tiny
+    model gains nothing from more, and two threads fighting other processes for 2 cores make it
+    many times slower. The results are the same bytes either way."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

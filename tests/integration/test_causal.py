@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from retrieval_heads import Head, causal
 from retrieval_heads.analysis import k_sweep as summarise
 from retrieval_heads.haystack import tiny_grid
 from retrieval_heads.results import load_results
 from retrieval_heads.scoring import detect
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PARAMS = ("k", "selection", "draw", "mode", "phase", "ablated", "answer_class", "task")
 
@@ -116,15 +117,6 @@ def test_plan_conditions_clips_k_and_skips_infeasible_controls():
 
 # ---------------------------------------------------------------------------------------------
 # on the embedded model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is tiny: one thread is faster than two fighting other processes for 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,36 +10,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import subprocess_env
 
 from retrieval_heads import cli as cli_module
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GRID = ["--lengths", "150,200", "--n-depths", "2", "--n-needles", "1", "--n-distractors", "1"]
-
-QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread here and in the subprocesses: the tiny model gains nothing from more,
-    and on shared cores spinning OpenMP threads make it many times slower (results are the same
-    bytes either way)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def detect(out: Path, *extra: str) -> Path:
@@ -87,7 +69,7 @@ def test_two_processes_give_byte_identical_head_scores(tmp_path):
     for hash_seed in ("1", "2"):
         cwd = tmp_path / f"cwd{hash_seed}"
         cwd.mkdir()
-        env = {**os.environ, **QUIET_ENV, "PYTHONHASHSEED": hash_seed}
+        env = subprocess_env(PYTHONHASHSEED=hash_seed)
         argv = ["detect", "--model", "tiny", *GRID, "--out", "run"]
         proc = subprocess.run(
             [sys.executable, "-m", "retrieval_heads", *argv],

@@ -32,10 +32,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from support import subprocess_env
 
 from retrieval_heads import cli as cli_module
 from retrieval_heads import registry
 from retrieval_heads.results import ResultsDir, ResultsError, load_results
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GRID = ["--lengths", "150", "--n-depths", "2", "--n-needles", "1"]
 ONE = ["--lengths", "150", "--n-depths", "1", "--n-needles", "1"]
@@ -45,26 +48,6 @@ DOC = REPO / "docs" / "errors.md"
 TINY_DIR = registry.PACKAGE_DIR / "tiny" / "weights" / "default"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 INNARDS = ("site-packages", "torch/", "transformers/", "safetensors/", 'File "')
-
-QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread here and in the subprocesses: the tiny model gains nothing from more,
-    and on shared cores spinning OpenMP threads make it many times slower (results are the same
-    bytes either way)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -774,7 +757,7 @@ def test_catalogue_rows_have_tests():
 
 
 def cli_process(*argv, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, **QUIET_ENV}
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, "-m", "retrieval_heads", *map(str, argv)],
         capture_output=True,

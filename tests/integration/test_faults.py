@@ -27,8 +27,11 @@ import time
 from pathlib import Path
 
 import pytest
+from support import subprocess_env
 
 from retrieval_heads import cli as cli_module
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 12 trials (2 lengths x 3 depths x 2 needles) of at most 250 tokens
 DETECT = [
@@ -49,33 +52,13 @@ ABLATE = ["ablate", "--model", "tiny", "--lengths", "150", "--n-depths", "2", "-
 N_ABLATE = 16
 TIMEOUT = 300
 
-QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread here and in the subprocesses: the tiny model gains nothing from more,
-    and on shared cores spinning OpenMP threads make it many times slower (results are the same
-    bytes either way)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---- running and killing the command line ------------------------------------------------------
 
 
 def start(argv: list, cwd: Path) -> subprocess.Popen:
     """The command as a real process; stderr (progress bars) to a file, so no pipe fills up."""
-    env = {**os.environ, **QUIET_ENV}
+    env = subprocess_env()
     log = open(cwd / f"stderr-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - closed on exit
     proc = subprocess.Popen(
         [sys.executable, "-m", "retrieval_heads", *map(str, argv)],

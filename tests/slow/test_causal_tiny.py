@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from retrieval_heads import causal
 from retrieval_heads.analysis import k_sweep as summarise
@@ -23,15 +22,7 @@ from retrieval_heads.haystack import tiny_grid
 from retrieval_heads.results import load_results
 from retrieval_heads.scoring import detect
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
