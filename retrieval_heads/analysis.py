@@ -54,6 +54,10 @@ __all__ = [
     "KSweepRow",
     "k_sweep",
     "format_k_sweep",
+    "KVPoint",
+    "kv_curve",
+    "format_kv_curve",
+    "smallest_sufficient_k",
 ]
 
 RETRIEVAL_THRESHOLD = 0.1
@@ -624,3 +628,103 @@ def format_k_sweep(rows: Sequence[KSweepRow]) -> str:
         for r in rows
     ]
     return format_table(body, ["K", "selection", "draws", "trials", "accuracy", "recall"])
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache what-if (records of retrieval_heads.kvcache.simulate)
+
+
+@dataclass(frozen=True)
+class KVPoint:
+    """One point of an accuracy-vs-KV-share curve: ``selection`` with ``k`` full KV heads and
+    a ``window``-token window (``None`` for the uncompressed baseline).
+
+    ``kv_share`` is the mean over the trials of the share of the cache kept; accuracy is the
+    share of passing trials, per draw, then mean ± std over draws (ddof=1; 0.0 for one draw).
+    """
+
+    selection: str
+    k: int
+    sink: int | None
+    window: int | None
+    kv_share: float
+    n_draws: int
+    n_trials: int
+    accuracy: float
+    accuracy_std: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def kv_curve(records: Iterable[TrialRecord]) -> list[KVPoint]:
+    """Summarise KV-cache simulation records (``params``: ``selection``, ``n_full_kv_heads``,
+    ``sink``, ``window``, ``draw``, ``kv_share``) into curve points, sorted by selection
+    (baseline, top, random, uniform) and share."""
+    groups: dict[tuple, dict[Any, list[TrialRecord]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        p = record.params
+        if "kv_share" not in p:
+            raise ValueError(
+                f"record {record.trial_id} has no kv_share: not a kv-sim record "
+                "(retrieval_heads.kvcache.simulate writes them)"
+            )
+        key = (str(p["selection"]), int(p["n_full_kv_heads"]), p.get("sink"), p.get("window"))
+        groups[key][p.get("draw", 0)].append(record)
+    order = {"none": 0, "top": 1, "random": 2, "uniform": 3}
+    points = []
+    for (selection, k, sink, window), draws in groups.items():
+        batches = [draws[d] for d in sorted(draws)]
+        accuracy = [float(np.mean([r.passed for r in b])) for b in batches]
+        every = [r for b in batches for r in b]
+        points.append(
+            KVPoint(
+                selection=selection,
+                k=k,
+                sink=sink,
+                window=window,
+                kv_share=float(np.mean([r.params["kv_share"] for r in every])),
+                n_draws=len(batches),
+                n_trials=len(every),
+                accuracy=float(np.mean(accuracy)),
+                accuracy_std=_std(accuracy),
+            )
+        )
+    return sorted(points, key=lambda p: (order.get(p.selection, 9), p.kv_share, p.k))
+
+
+def format_kv_curve(points: Sequence[KVPoint]) -> str:
+    """The curve as a fixed-width table."""
+    body = [
+        [
+            p.selection,
+            p.k,
+            "-" if p.window is None else f"{p.sink}+{p.window}",
+            f"{p.kv_share:.3f}",
+            p.n_draws,
+            p.n_trials,
+            f"{p.accuracy:.3f} ± {p.accuracy_std:.3f}",
+        ]
+        for p in points
+    ]
+    headers = [
+        "selection",
+        "full KV heads",
+        "sink+window",
+        "KV share",
+        "draws",
+        "trials",
+        "accuracy",
+    ]
+    return format_table(body, headers)
+
+
+def smallest_sufficient_k(points: Sequence[KVPoint], tolerance: float = 0.05) -> KVPoint:
+    """The top-K point with the fewest full KV heads whose accuracy is within ``tolerance`` of
+    the uncompressed baseline's (the largest K measured when none is)."""
+    base = [p for p in points if p.selection == "none"]
+    tops = sorted((p for p in points if p.selection == "top"), key=lambda p: p.k)
+    if not base or not tops:
+        raise ValueError("the curve needs the uncompressed baseline and top-K points")
+    good = [p for p in tops if p.accuracy >= base[0].accuracy - tolerance]
+    return good[0] if good else tops[-1]

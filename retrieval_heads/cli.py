@@ -1,6 +1,7 @@
 """The ``retrieval-heads`` command: parse, call the library, print. No logic the library lacks.
 
-Subcommands: ``detect``, ``ablate``, ``patch``, ``report``, ``compare``, ``export``, ``models``.
+Subcommands: ``detect``, ``ablate``, ``patch``, ``kv-sim``, ``report``, ``compare``, ``export``,
+``models``.
 Errors a user can fix (bad input, a model that is not there, results from another run) print one
 short message and exit 2; nothing already written is touched. A failure of the machine (a full
 disk, an I/O error) prints one line and exits 1, as does a run that produced no result
@@ -88,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scores", type=Path, default=None, help="detect results to correlate with")
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser(
+        "kv-sim", help="KV-cache what-if: accuracy vs KV share when only some heads keep it all"
+    )
+    _add_model_args(p)
+    _add_trial_args(p)
+    p.add_argument("--scores", type=Path, required=True, help="a detect results directory")
+    p.add_argument("--out", type=Path, required=True, help="results directory (resumable)")
+    p.add_argument("--sink", type=int, default=4, help="first tokens every head keeps")
+    p.add_argument("--window", type=int, default=64, help="recent tokens every head keeps")
+    p.add_argument(
+        "--top-k", type=_ints, default=None, help="full KV heads, e.g. 0,1,2,4 (default: 0,1,2,4..)"
+    )
+    p.add_argument("--random", type=int, default=3, help="random draws per K")
+    p.add_argument(
+        "--uniform-windows", type=_ints, default=None, help="windows for all-heads windowing"
+    )
+    p.add_argument("--phase", default="decode", choices=["decode", "all"])
+    p.add_argument("--reduce", default="max", choices=["max", "mean"], help="query -> KV head")
+    p.add_argument(
+        "--tolerance", type=float, default=0.05, help="accuracy loss allowed for the export"
+    )
 
     p = sub.add_parser("report", help="one self-contained HTML report from results directories")
     p.add_argument("dirs", type=Path, nargs="+")
@@ -259,6 +282,64 @@ def cmd_patch(args) -> int:
     return 0
 
 
+def cmd_kv_sim(args) -> int:
+    from retrieval_heads import analysis, kvcache
+    from retrieval_heads.results import load_results
+    from retrieval_heads.scoring import DecodeConfig
+
+    _, scores, _ = load_results(args.scores)
+    model = load(args)
+    if (scores.n_layers, scores.n_heads) != (model.n_layers, model.n_heads):
+        raise ValueError(
+            f"{args.scores} holds scores for {scores.n_layers} x {scores.n_heads} heads but "
+            f"{model.name} has {model.n_layers} x {model.n_heads}: detect on this model first"
+        )
+    trials = trials_for(model, args)
+    sweep = kvcache.simulate(
+        model,
+        trials,
+        scores,
+        ks=args.top_k,
+        draws=args.random,
+        seed=args.seed,
+        sink=args.sink,
+        window=args.window,
+        uniform_windows=args.uniform_windows,
+        phase=args.phase,
+        reduce=args.reduce,
+        out=args.out,
+        config=DecodeConfig(max_new_tokens=args.max_new_tokens),
+        progress=True,
+    )
+    print(analysis.format_kv_curve(sweep.curve()))
+    chosen = sweep.chosen(args.tolerance)
+    heads = kvcache.top_kv_heads(sweep.kv_scores, chosen.k)
+    paths = kvcache.export_heads(
+        args.out,
+        heads,
+        sweep.kv_scores,
+        sink=args.sink,
+        window=args.window,
+        group_size=model.n_heads // model.n_kv_heads,
+        info={
+            "model": model.name,
+            "scores": str(args.scores),
+            "reduce": args.reduce,
+            "phase": args.phase,
+            "k": chosen.k,
+            "kv_share": round(chosen.kv_share, 6),
+            "accuracy": chosen.accuracy,
+            "tolerance": args.tolerance,
+        },
+    )
+    print(
+        f"\ntop {chosen.k} KV heads keep accuracy {chosen.accuracy:.3f} with "
+        f"{chosen.kv_share:.1%} of the KV cache; wrote {paths['json']} and "
+        f"{paths['duo_tsv'].parent}/ (DuoAttention layout)"
+    )
+    return 0
+
+
 def cmd_report(args) -> int:
     from retrieval_heads.views.report import build_report
 
@@ -314,6 +395,7 @@ COMMANDS = {
     "detect": cmd_detect,
     "ablate": cmd_ablate,
     "patch": cmd_patch,
+    "kv-sim": cmd_kv_sim,
     "report": cmd_report,
     "compare": cmd_compare,
     "export": cmd_export,

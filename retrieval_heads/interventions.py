@@ -43,6 +43,14 @@ hook point) that edits all the selected heads of that layer at once through an i
     index it directly; positions not yet visible are ignored. A query whose visible keys are
     all blocked attends to nothing: its pattern row is 0 (its ``z`` is 0).
 
+Windowed attention (KV-cache compression, simulated)
+----------------------------------------------------
+:func:`window_hooks` keeps, for each chosen query head, only the first ``sink`` keys (attention
+sinks) and the last ``window`` keys up to and including the query's own position; the other
+keys' scores are set to ``-inf`` at ``hook_attn_scores``, so the softmax renormalises over the
+kept ones, exactly as if their keys and values had been evicted from the cache. Which heads
+keep the whole context is the caller's choice (:mod:`retrieval_heads.kvcache`).
+
 Phases
 ------
 ``phase="decode"`` (the paper's choice): hooks only for ``step``; the prompt is read
@@ -72,7 +80,7 @@ from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from retrieval_heads.heads import Head, parse_heads
@@ -93,6 +101,8 @@ __all__ = [
     "patch_heads",
     "patched_logits",
     "record_z",
+    "window_hooks",
+    "window_mask",
 ]
 
 MODES: dict[str, str] = {
@@ -666,6 +676,60 @@ def _empty_rows_hook(idx: _Index):
     def hook(pattern: Tensor, hook: Any) -> Tensor:
         heads = idx.on(pattern.device)
         return pattern.index_copy(1, heads, pattern.index_select(1, heads).nan_to_num(nan=0.0))
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------------
+# Windowed attention (simulated KV-cache eviction)
+
+
+def window_mask(
+    n_queries: int, n_keys: int, sink: int, window: int, device: torch.device | str = "cpu"
+) -> Bool[Tensor, "query key"]:
+    """Which keys a windowed head still sees: ``True`` for the first ``sink`` keys and the last
+    ``window`` keys up to each query's own position.
+
+    The queries are the last ``n_queries`` of ``n_keys`` positions (a decode step is query
+    ``n_keys - 1``; a prefill chunk continues a cache that starts at 0), so query ``q`` keeps
+    key ``k`` when ``k < sink`` or ``q - window < k <= q``. Keys after ``q`` are left to the
+    causal mask. ``window >= 1`` keeps the query's own key, so no row is ever empty.
+    """
+    if sink < 0 or window < 1:
+        raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink}, window={window}")
+    if n_queries > n_keys:
+        raise ValueError(f"{n_queries} queries cannot follow {n_keys} keys")
+    queries = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]  # [query, 1]
+    keys = torch.arange(n_keys, device=device)[None, :]  # [1, key]
+    return (keys < sink) | (keys > queries - window)
+
+
+def window_hooks(model: HookedModel, heads: HeadLabels, sink: int, window: int) -> Hooks:
+    """Hooks that give each of ``heads`` (query heads) a sink + recent-window view of the cache.
+
+    One ``hook_attn_scores`` hook per layer with a chosen head; every other head's scores pass
+    through untouched (the hook rewrites only the chosen heads' slice). Works for prefill
+    chunks and decode steps alike (see :func:`window_mask`).
+    """
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"sink must be an integer >= 0 (tokens kept at the start), got {sink!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (recent tokens kept), got {window!r}")
+    selected = _parse(heads)
+    for h in selected:
+        h.check(model.n_layers, model.n_heads)
+    return [
+        (model.hook_name(layer, "attn_scores"), _window_hook(_Index(hs), sink, window))
+        for layer, hs in _by_layer(selected).items()
+    ]
+
+
+def _window_hook(idx: _Index, sink: int, window: int):
+    def hook(scores: Float[Tensor, "batch head query key"], hook: Any) -> Tensor:
+        keep = window_mask(scores.shape[-2], scores.shape[-1], sink, window, scores.device)
+        heads = idx.on(scores.device)
+        sub = scores.index_select(1, heads).masked_fill(~keep, -math.inf)  # [batch, k, q, key]
+        return scores.index_copy(1, heads, sub)
 
     return hook
 

@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from retrieval_heads import analysis
-from retrieval_heads.analysis import RETRIEVAL_THRESHOLD, KSweepRow
+from retrieval_heads.analysis import RETRIEVAL_THRESHOLD, KSweepRow, KVPoint
 from retrieval_heads.heads import Head
 from retrieval_heads.results import HeadScores, TrialRecord
 from retrieval_heads.views._html import esc, fmt_float, fmt_int
@@ -863,4 +863,57 @@ def answer_class_figure(
     )
     fig.update_xaxes(title_text="condition", type="category")
     fig.update_yaxes(title_text="share of trials", range=[0, 1])
+    return fig
+
+
+def kv_curve_figure(points: Sequence[KVPoint], *, title: str | None = None) -> go.Figure:
+    """Accuracy against the share of the KV cache kept (:func:`retrieval_heads.analysis.kv_curve`).
+
+    One line per selection: the top-K KV heads by score and K random ones (±1 std over draws as
+    error bars) keep the whole context while every other head keeps sink + window; ``uniform``
+    windows every head at several windows. The uncompressed model is the dashed line at share 1.
+    """
+    if not points:
+        raise ValueError("no curve points to draw")
+    fig = go.Figure()
+    base = [p for p in points if p.selection == "none"]
+    if base:
+        fig.add_hline(
+            y=base[0].accuracy,
+            line=dict(dash="dash", color="#555"),
+            annotation_text=f"full cache: {base[0].accuracy:.2f}",
+            annotation_position="bottom right",
+        )
+    colors = {**_SELECTION_COLORS, "uniform": "#7f7f7f"}
+    names = {"top": "top-K KV heads full", "random": "K random KV heads full"}
+    for selection in ("top", "random", "uniform"):
+        series = sorted((p for p in points if p.selection == selection), key=lambda p: p.kv_share)
+        if not series:
+            continue
+        label = names.get(selection, "every head windowed")
+        hover = [
+            f"{esc(selection)}: K={p.k}, sink {p.sink} + window {p.window}<br>KV share "
+            f"{p.kv_share:.3f}<br>accuracy {p.accuracy:.3f} ± {p.accuracy_std:.3f} "
+            f"({p.n_draws} draws, {p.n_trials} trials)"
+            for p in series
+        ]
+        fig.add_scatter(
+            x=[p.kv_share for p in series],
+            y=[p.accuracy for p in series],
+            error_y=dict(type="data", array=[p.accuracy_std for p in series], visible=True)
+            if any(p.n_draws > 1 for p in series)
+            else None,
+            mode="lines+markers",
+            name=label,
+            line=dict(color=colors.get(selection, "#333")),
+            hovertext=hover,
+            hoverinfo="text",
+        )
+    fig.update_layout(
+        title=_title(title or "NIAH accuracy against the KV cache kept"),
+        xaxis=dict(title="share of the KV cache kept", range=[0, 1.02], tickformat=".0%"),
+        yaxis=dict(title="accuracy", range=[-0.02, 1.05]),
+        height=430,
+        legend=dict(orientation="h", y=-0.2),
+    )
     return fig

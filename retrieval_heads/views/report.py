@@ -14,6 +14,9 @@ result set: a header (model, kind, config, seed, package versions, commit, dates
   the baseline and the ablated runs side by side, the K-sweep (figure and table), answer-class
   shares when records carry ``params["answer_class"]`` (or another of
   :data:`~retrieval_heads.views.figures.ANSWER_CLASS_KEYS`);
+- KV-cache simulations (``meta["kind"] == "kv-sim"``, :mod:`retrieval_heads.kvcache`): accuracy
+  against the share of the KV cache kept for top-K, random-K and uniform windowing, its table,
+  and NIAH grids of the full cache next to the runs of about the smallest sufficient share;
 - activation patching (``patching.json`` of ``retrieval-heads patch``): the effect per head and,
   next to a detection run of the same shape, the retrieval score against it;
 - two or more detection runs of one shape: model-vs-model scatters with their agreement.
@@ -134,7 +137,13 @@ class ResultSet:
 
     @property
     def is_ablation(self) -> bool:
+        if self.is_kv_sim:
+            return False
         return self.kind == "ablate" or any("k" in r.params for r in self.records)
+
+    @property
+    def is_kv_sim(self) -> bool:
+        return self.kind == "kv-sim"
 
 
 def load_result_set(path: str | Path, index: int = 0) -> ResultSet:
@@ -571,6 +580,74 @@ def _k_sweep_table(rows: Sequence[analysis.KSweepRow]) -> str:
     )
 
 
+def _kv_section(page: _Page, rs: ResultSet) -> str:
+    """KV-cache what-if: the accuracy-vs-share curve, its table, and the NIAH grids of the
+    full cache, the smallest sufficient top-K and random and uniform runs of about its share."""
+    if not rs.records:
+        return '<p class="note">This KV-cache simulation holds no trials.</p>'
+    points = analysis.kv_curve(rs.records)
+    parts = [
+        "<h4>Accuracy against the share of the KV cache kept</h4>",
+        page.figure(
+            lambda: figures.kv_curve_figure(points, title=f"KV-cache what-if: {rs.model}"),
+            "kv-curve",
+        ),
+        _kv_table(points),
+    ]
+    try:
+        chosen = analysis.smallest_sufficient_k(points)
+    except ValueError:
+        return "\n".join(parts)
+
+    def select(p: analysis.KVPoint) -> list[TrialRecord]:
+        return [
+            r
+            for r in rs.records
+            if r.params.get("selection") == p.selection
+            and r.params.get("n_full_kv_heads") == p.k
+            and r.params.get("window") == p.window
+        ]
+
+    panels = {"full cache": [r for r in rs.records if r.params.get("selection") == "none"]}
+    panels[f"top {chosen.k} KV heads full ({chosen.kv_share:.0%} kept)"] = select(chosen)
+    for selection in ("random", "uniform"):
+        near = [p for p in points if p.selection == selection]
+        if near:
+            p = min(near, key=lambda p: (abs(p.kv_share - chosen.kv_share), p.kv_share))
+            what = f"{p.k} random KV heads full" if selection == "random" else "all windowed"
+            panels[f"{what} ({p.kv_share:.0%} kept)"] = select(p)
+    if all(_has_grid(v) for v in panels.values() if v):
+        parts.append("<h4>Needle in a haystack at about the same share</h4>")
+        parts.append(
+            page.figure(
+                lambda: figures.niah_heatmap(
+                    panels, title=f"NIAH accuracy under KV compression: {rs.model}"
+                ),
+                "kv NIAH grids",
+            )
+        )
+    return "\n".join(parts)
+
+
+def _kv_table(points: Sequence[analysis.KVPoint]) -> str:
+    head = (
+        "<tr><th>selection</th><th>full KV heads</th><th>sink + window</th><th>KV share</th>"
+        "<th>draws</th><th>trials</th><th>accuracy</th></tr>"
+    )
+    body = "".join(
+        f'<tr><td>{esc(p.selection)}</td><td class="num">{p.k}</td>'
+        f'<td class="num">{"-" if p.window is None else f"{p.sink} + {p.window}"}</td>'
+        f'<td class="num">{p.kv_share:.3f}</td><td class="num">{p.n_draws}</td>'
+        f'<td class="num">{p.n_trials}</td>'
+        f'<td class="num">{p.accuracy:.3f} ± {p.accuracy_std:.3f}</td></tr>'
+        for p in points
+    )
+    return (
+        '<table class="kv-curve"><caption>KV-cache what-if: mean ± std over draws</caption>'
+        f"<thead>{head}</thead><tbody>{body}</tbody></table>"
+    )
+
+
 def _ablation_section(page: _Page, rs: ResultSet) -> str:
     """Per task (``params["task"]``, when records hold several): NIAH grids of the baseline
     and the ablated runs, the K-sweep, the answer classes."""
@@ -753,7 +830,9 @@ def render_report(
         body = [f'<section class="result" id="{anchor}">']
         body.append(f"<h2>#{rs.index} {esc(rs.model)} — {esc(rs.kind)}</h2>")
         body.append(_header(rs))
-        if rs.is_ablation:
+        if rs.is_kv_sim:
+            body.append(_kv_section(page, rs))
+        elif rs.is_ablation:
             body.append(_ablation_section(page, rs))
         else:
             body.append(
@@ -770,7 +849,7 @@ def render_report(
             )
         body.append("</section>")
         sections.append("\n".join(body))
-    detections = [rs for rs in sets if not rs.is_ablation]
+    detections = [rs for rs in sets if not rs.is_ablation and not rs.is_kv_sim]
     for ps in patches:
         anchor = f"set-{ps.index}"
         toc.append(f'<li><a href="#{anchor}">#{ps.index} {esc(ps.model)} (patching)</a></li>')

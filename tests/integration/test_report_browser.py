@@ -50,8 +50,14 @@ def _report_problems(check) -> str:
 
 
 def test_report_renders_in_headless_chromium(chromium, tmp_path):
-    from retrieval_heads import load_model
-    from retrieval_heads.haystack import Haystack, PromptTemplate, build_trial, tiny_needles
+    from retrieval_heads import kvcache, load_model
+    from retrieval_heads.haystack import (
+        Haystack,
+        PromptTemplate,
+        build_trial,
+        tiny_grid,
+        tiny_needles,
+    )
 
     model = load_model("tiny")
     detect = _sample.write_detection(
@@ -71,6 +77,12 @@ def test_report_renders_in_headless_chromium(chromium, tmp_path):
         tmp_path / "detect-tuned", model="tiny-tuned", table=tuned, lengths=(300, 600), seed=4
     )
     ablate = _sample.write_ablation(tmp_path / "ablate", model=f"tiny {EVIL}")
+    # A real KV-cache simulation on the shipped model: its curve, table and NIAH grids.
+    kv = tmp_path / "kv-sim"
+    kv_trials = tiny_grid(model.tokenizer, lengths=[200], depths=[0, 100], n_needles=1)
+    kvcache.simulate(
+        model, kv_trials, tuned, ks=[0, 2], draws=2, window=16, uniform_windows=[16, 64], out=kv
+    )
     passing = [r for r in load_results(detect)[2] if r.passed]
     trials = {
         r.trial_id: build_trial(
@@ -84,7 +96,7 @@ def test_report_renders_in_headless_chromium(chromium, tmp_path):
         for i, r in enumerate(passing[:2])
     }
     out = build_report(
-        [detect, ablate, detect2],
+        [detect, ablate, detect2, kv],
         tmp_path / "report.html",
         model=model,
         trials=trials,
@@ -99,7 +111,7 @@ def test_report_renders_in_headless_chromium(chromium, tmp_path):
     check = check_page(out, screenshot=shot, chromium=chromium, timeout=180)
     print(f"screenshot: {shot}; loaded in {check.load_s:.1f} s")
     assert check.ok, _report_problems(check)
-    assert check.expected_figures >= 15 and check.figures == check.expected_figures
+    assert check.expected_figures >= 17 and check.figures == check.expected_figures
     # 2 trials x (AttentionHeads + 3 ColoredTokens) in detect; detect-tuned shares trial ids
     # (and the model's shape), so it may show some of them too
     assert check.expected_views >= 8 and check.expected_views % 4 == 0

@@ -1,0 +1,440 @@
+"""What retrieval heads buy for KV-cache compression: a what-if, simulated with attention masks.
+
+Head-aware compression (DuoAttention, RazorAttention, HeadKV) keeps every token's key and value
+for a few heads and, for all the others, only the first ``sink`` tokens (attention sinks) and
+the last ``window`` tokens. This module asks what that would cost on the needle-in-a-haystack
+grid, without building a compressed cache: the windowed heads get an attention mask in hooks
+(:func:`~retrieval_heads.interventions.window_hooks`), which gives exactly the attention they
+would have over an evicted cache.
+
+- Choice at KV-head level. A cache stores keys and values per *KV head*; under grouped-query
+  attention every query head of a group reads the same cache, so a group is kept whole or
+  windowed whole. A KV head's score is the ``max`` (or ``mean``) of its query heads' retrieval
+  scores (:func:`kv_head_scores`).
+- Memory share. A trial of ``L`` prompt tokens keeps ``L`` tokens for each full KV head and
+  ``min(L, sink + window)`` for each windowed one: ``kv_share = (F * L + (N - F) *
+  min(L, sink + window)) / (N * L)`` over the ``N = layers * kv_heads`` KV heads, ``F`` of them
+  full (:meth:`KVPolicy.kv_share`).
+- Phases. ``"decode"`` (default; RazorAttention-style): the prompt is read with full attention
+  and the cache is compressed before the answer is written, so only decode steps are masked
+  (the fast prefill stays). ``"all"`` (DuoAttention-style): the windowed heads are windowed
+  while reading the prompt too.
+- Curves (:func:`simulate`): accuracy against KV share for the top-K KV heads by score, for K
+  random KV heads (seeded draws), and for uniform windowing of every head at several windows;
+  plus the uncompressed baseline. Records are the scorer's own
+  (:func:`~retrieval_heads.scoring.score_trial`), so each carries its grade and the head scores
+  under compression, with the condition in ``params``.
+- Export (:func:`export_heads`): the chosen full-attention heads in DuoAttention's layout, a
+  ``layers x kv_heads`` tab-separated matrix of values in [0, 1] with a ``config.json`` holding
+  ``sink_size`` and ``recent_size`` (what ``duo_attn.utils.load_attn_pattern`` reads), and as a
+  plain JSON list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval_heads import analysis
+from retrieval_heads.haystack import Trial
+from retrieval_heads.interventions import window_hooks
+from retrieval_heads.model import HookedModel
+from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord, atomic_write_text
+from retrieval_heads.scoring import DecodeConfig, check_lengths, score_trial
+
+__all__ = [
+    "KVCondition",
+    "KVPolicy",
+    "export_heads",
+    "kv_head_scores",
+    "plan_kv_conditions",
+    "random_kv_heads",
+    "simulate",
+    "top_kv_heads",
+]
+
+PHASES = ("decode", "all")
+REDUCTIONS = ("max", "mean")
+SELECTIONS = ("none", "top", "random", "uniform")
+KVHead = tuple[int, int]  # (layer, kv head)
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """Which KV heads keep the whole context; every other one keeps ``sink`` + ``window``."""
+
+    full_kv_heads: frozenset[KVHead]
+    sink: int = 4
+    window: int = 64
+    phase: str = "decode"
+
+    def __post_init__(self) -> None:
+        for name, low in (("sink", 0), ("window", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.phase not in PHASES:
+            raise ValueError(
+                f"unknown phase {self.phase!r}: use 'decode' (compress the cache after the "
+                "prompt) or 'all' (window the prompt too)"
+            )
+        object.__setattr__(self, "full_kv_heads", frozenset(map(tuple, self.full_kv_heads)))
+
+    def windowed_kv_heads(self, n_layers: int, n_kv_heads: int) -> list[KVHead]:
+        """The KV heads that keep only the sink and the window, layer-major."""
+        for layer, kv in self.full_kv_heads:
+            if not (0 <= layer < n_layers and 0 <= kv < n_kv_heads):
+                raise ValueError(
+                    f"KV head {layer}.{kv} is outside the model's {n_layers} layers x "
+                    f"{n_kv_heads} KV heads"
+                )
+        return [
+            (layer, kv)
+            for layer in range(n_layers)
+            for kv in range(n_kv_heads)
+            if (layer, kv) not in self.full_kv_heads
+        ]
+
+    def windowed_query_heads(self, model: HookedModel) -> list[tuple[int, int]]:
+        """Every query head that reads a windowed KV head (all of its group)."""
+        group = model.n_heads // model.n_kv_heads
+        return [
+            (layer, kv * group + i)
+            for layer, kv in self.windowed_kv_heads(model.n_layers, model.n_kv_heads)
+            for i in range(group)
+        ]
+
+    def kv_share(self, n_layers: int, n_kv_heads: int, length: int) -> float:
+        """Share of a ``length``-token KV cache this policy keeps (see the module docstring)."""
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        total = n_layers * n_kv_heads
+        windowed = len(self.windowed_kv_heads(n_layers, n_kv_heads))
+        kept = (total - windowed) * length + windowed * min(length, self.sink + self.window)
+        return kept / (total * length)
+
+    def hooks(self, model: HookedModel) -> tuple[list, list]:
+        """``(prefill_hooks, decode_hooks)`` for the scorer (prefill ones only in phase all)."""
+        heads = self.windowed_query_heads(model)
+        decode = window_hooks(model, heads, self.sink, self.window) if heads else []
+        return (list(decode) if self.phase == "all" else []), decode
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing KV heads
+
+
+def kv_head_scores(
+    scores: HeadScores | np.ndarray, n_kv_heads: int, reduce: str = "max"
+) -> np.ndarray:
+    """``[layer, kv_head]`` scores: ``reduce`` over each group's query-head scores (NaN as 0)."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduce!r}: use one of {', '.join(REDUCTIONS)}")
+    table = np.nan_to_num(analysis.score_table(scores), nan=0.0)  # [layer, head]
+    n_layers, n_heads = table.shape
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads do not split over {n_kv_heads} KV heads")
+    grouped = table.reshape(n_layers, n_kv_heads, n_heads // n_kv_heads)
+    return grouped.max(axis=-1) if reduce == "max" else grouped.mean(axis=-1)
+
+
+def top_kv_heads(kv_scores: np.ndarray, k: int) -> list[KVHead]:
+    """The ``k`` best-scored KV heads, best first (ties by (layer, kv head))."""
+    flat = np.asarray(kv_scores, dtype=np.float64).ravel()
+    _check_k(k, flat.size)
+    order = np.argsort(-flat, kind="stable")[:k]
+    n_kv = kv_scores.shape[1]
+    return [(int(i // n_kv), int(i % n_kv)) for i in order]
+
+
+def random_kv_heads(
+    n_layers: int, n_kv_heads: int, k: int, *, seed: int, draw: int
+) -> list[KVHead]:
+    """``k`` KV heads drawn uniformly, reproducibly from ``(seed, draw, k)``, sorted."""
+    _check_k(k, n_layers * n_kv_heads)
+    digest = hashlib.sha256(json.dumps(["kv-random", seed, draw, k]).encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    everything = [(layer, kv) for layer in range(n_layers) for kv in range(n_kv_heads)]
+    return sorted(rng.sample(everything, k))
+
+
+def _check_k(k: int, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n:
+        raise ValueError(f"K must be an integer from 0 to the model's {n} KV heads, got {k!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+
+
+@dataclass(frozen=True)
+class KVCondition:
+    """One point of a curve: ``selection`` of ``k`` full KV heads (draw ``draw``), or none."""
+
+    selection: str
+    k: int
+    draw: int
+    policy: KVPolicy | None  # None: the uncompressed model
+
+    @property
+    def tag(self) -> str:
+        """The suffix of this condition's record ids."""
+        if self.policy is None:
+            return "kv:none"
+        return (
+            f"kv:{self.selection}|k={self.k}|s={self.policy.sink}|w={self.policy.window}"
+            f"|draw={self.draw}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        policy = self.policy
+        return {
+            "selection": self.selection,
+            "k": self.k,
+            "draw": self.draw,
+            "sink": None if policy is None else policy.sink,
+            "window": None if policy is None else policy.window,
+            "phase": None if policy is None else policy.phase,
+            "full_kv_heads": "all"
+            if policy is None
+            else [f"{layer}.{kv}" for layer, kv in sorted(policy.full_kv_heads)],
+        }
+
+
+def default_ks(n_kv_total: int) -> list[int]:
+    """0, 1, 2, 4, ... below the model's KV-head count (all of them is the baseline)."""
+    ks, k = [0], 1
+    while k < n_kv_total:
+        ks.append(k)
+        k *= 2
+    return ks
+
+
+def plan_kv_conditions(
+    kv_scores: np.ndarray,
+    *,
+    ks: Iterable[int] | None = None,
+    draws: int = 3,
+    seed: int = 0,
+    sink: int = 4,
+    window: int = 64,
+    uniform_windows: Iterable[int] | None = None,
+    phase: str = "decode",
+) -> list[KVCondition]:
+    """The baseline, top-K and ``draws`` random draws per K, and uniform windowing.
+
+    ``ks`` defaults to :func:`default_ks`; ``uniform_windows`` to ``window`` times 1/2, 1, 2,
+    4 and 8 (K = 0 full heads: every head windowed). Duplicates are dropped, order kept.
+    """
+    n_layers, n_kv = kv_scores.shape
+    total = n_layers * n_kv
+    if draws < 0:
+        raise ValueError(f"draws must be >= 0, got {draws}")
+    ks = list(dict.fromkeys(default_ks(total) if ks is None else ks))
+    for k in ks:
+        _check_k(k, total)
+    if uniform_windows is None:
+        uniform_windows = [max(1, window // 2), window, 2 * window, 4 * window, 8 * window]
+    out = [KVCondition("none", total, 0, None)]
+    for k in ks:
+        chosen = top_kv_heads(kv_scores, k)
+        out.append(KVCondition("top", k, 0, KVPolicy(frozenset(chosen), sink, window, phase)))
+        if 0 < k < total:
+            for d in range(draws):
+                picked = random_kv_heads(n_layers, n_kv, k, seed=seed, draw=d)
+                out.append(
+                    KVCondition("random", k, d, KVPolicy(frozenset(picked), sink, window, phase))
+                )
+    for w in dict.fromkeys(uniform_windows):
+        if w == window and 0 in ks:
+            continue  # top K=0 at this window is already uniform windowing
+        out.append(KVCondition("uniform", 0, 0, KVPolicy(frozenset(), sink, int(w), phase)))
+    return out
+
+
+@dataclass
+class KVSweep:
+    """What :func:`simulate` returns: the conditions, the KV scores and every record."""
+
+    conditions: list[KVCondition]
+    kv_scores: np.ndarray
+    records: list[TrialRecord] = field(default_factory=list)
+
+    def curve(self) -> list[analysis.KVPoint]:
+        return analysis.kv_curve(self.records)
+
+    def chosen(self, tolerance: float = 0.05) -> analysis.KVPoint:
+        """The smallest top-K within ``tolerance`` of the baseline's accuracy
+        (:func:`~retrieval_heads.analysis.smallest_sufficient_k`)."""
+        return analysis.smallest_sufficient_k(self.curve(), tolerance)
+
+
+def simulate(
+    model: HookedModel,
+    trials: Sequence[Trial],
+    scores: HeadScores | np.ndarray,
+    *,
+    ks: Iterable[int] | None = None,
+    draws: int = 3,
+    seed: int = 0,
+    sink: int = 4,
+    window: int = 64,
+    uniform_windows: Iterable[int] | None = None,
+    phase: str = "decode",
+    reduce: str = "max",
+    out: str | Path | None = None,
+    config: DecodeConfig | None = None,
+    progress: bool = False,
+) -> KVSweep:
+    """Answer ``trials`` under every condition of :func:`plan_kv_conditions`.
+
+    ``scores``: the retrieval scores of ``model`` (``[layer, head]``), from which the KV heads
+    are ranked. Each record's id is ``"<trial id>|<condition tag>"`` and its ``params`` hold
+    ``selection``, ``n_full_kv_heads``, ``draw``, ``sink``, ``window``, ``phase``,
+    ``kv_share`` and ``full_kv_heads``. With ``out``, records go to a results directory
+    (``kind="kv-sim"``; atomic, resumable) and the sweep's records are all of it.
+    """
+    config = config or DecodeConfig()
+    trials = list(trials)
+    if not trials:
+        raise ValueError("no trials given")
+    table = analysis.score_table(scores)
+    if table.shape != (model.n_layers, model.n_heads):
+        raise ValueError(
+            f"the scores are {table.shape[0]} x {table.shape[1]} heads but the model has "
+            f"{model.n_layers} x {model.n_heads}: detect on this model first"
+        )
+    kv_scores = kv_head_scores(table, model.n_kv_heads, reduce)
+    conditions = plan_kv_conditions(
+        kv_scores,
+        ks=ks,
+        draws=draws,
+        seed=seed,
+        sink=sink,
+        window=window,
+        uniform_windows=uniform_windows,
+        phase=phase,
+    )
+    check_lengths(model, trials)
+    run_config = {
+        "experiment": "kv_sim",
+        "reduce": reduce,
+        "seed": seed,
+        "draws": draws,
+        "kv_scores": np.round(kv_scores, 6).tolist(),
+        "score_source": getattr(scores, "source", None) or "array",
+        "decode": config.__dict__ | {"stop_strings": list(config.stop_strings)},
+        "trials": sorted(t.trial_id for t in trials),
+        "conditions": [c.to_dict() for c in conditions],
+    }
+    sweep = KVSweep(conditions, kv_scores)
+    began = time.perf_counter()
+    if out is None:
+        sweep.records = list(_run(model, trials, conditions, config, set(), progress))
+        return sweep
+    name = getattr(model, "name", None) or type(model.hf_model).__name__
+    with ResultsDir(out, model=name, config=run_config, kind="kv-sim", seed=seed) as run:
+        for record in _run(model, trials, conditions, config, run.done_ids(), progress):
+            run.append(record)
+        run.finalize(timing={"wall_s": round(time.perf_counter() - began, 3)})
+        sweep.records = run.records()
+    return sweep
+
+
+def _run(model, trials, conditions, config, done, progress):
+    todo = [(c, t) for c in conditions for t in trials if f"{t.trial_id}|{c.tag}" not in done]
+    if progress:
+        from tqdm.auto import tqdm
+
+        todo = tqdm(todo, desc="kv-sim trials", unit="trial")
+    for condition, trial in todo:
+        yield _run_trial(model, trial, condition, config)
+
+
+def _run_trial(
+    model: HookedModel, trial: Trial, condition: KVCondition, config: DecodeConfig
+) -> TrialRecord:
+    policy = condition.policy
+    hooks = None if policy is None else (lambda _trial: policy.hooks(model))
+    record = score_trial(model, trial, config, hooks)
+    length = len(trial.input_ids)
+    share = 1.0 if policy is None else policy.kv_share(model.n_layers, model.n_kv_heads, length)
+    params = dict(record.params)
+    params.update(
+        base_trial_id=trial.trial_id,
+        condition=condition.tag,
+        n_full_kv_heads=condition.k,
+        kv_share=round(share, 6),
+        **{k: v for k, v in condition.to_dict().items() if k != "k"},
+    )
+    return dataclasses.replace(record, trial_id=f"{trial.trial_id}|{condition.tag}", params=params)
+
+
+# ---------------------------------------------------------------------------------------------
+# exporting
+
+
+def export_heads(
+    out: str | Path,
+    full_kv_heads: Iterable[KVHead],
+    kv_scores: np.ndarray,
+    *,
+    sink: int,
+    window: int,
+    group_size: int,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write the chosen full-attention KV heads for a serving stack; returns the paths.
+
+    - ``duo_attention/full_attention_heads.tsv``: ``layers x kv_heads``, 1 for a full head and
+      0 for a windowed one, tab-separated, with ``duo_attention/config.json`` (``sink_size``,
+      ``recent_size``): the directory DuoAttention's ``load_attn_pattern`` reads;
+    - ``kv_head_scores.tsv``: the same layout holding each KV head's score in [0, 1], for
+      tools that pick their own sparsity;
+    - ``full_attention_heads.json``: the list (``[[layer, kv_head], ...]``, best first), the
+      query heads they serve, the window and whatever ``info`` adds (model, K, share, accuracy).
+    """
+    out = Path(out)
+    chosen = [tuple(map(int, h)) for h in full_kv_heads]
+    n_layers, n_kv = kv_scores.shape
+    binary = np.zeros((n_layers, n_kv))
+    for layer, kv in chosen:
+        binary[layer, kv] = 1.0
+    paths = {
+        "duo_tsv": out / "duo_attention" / "full_attention_heads.tsv",
+        "duo_config": out / "duo_attention" / "config.json",
+        "scores_tsv": out / "kv_head_scores.tsv",
+        "json": out / "full_attention_heads.json",
+    }
+    paths["duo_tsv"].parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths["duo_tsv"], _tsv(binary))
+    atomic_write_text(
+        paths["duo_config"], json.dumps({"sink_size": sink, "recent_size": window}, indent=1)
+    )
+    atomic_write_text(paths["scores_tsv"], _tsv(np.clip(kv_scores, 0.0, 1.0)))
+    listing = {
+        **(info or {}),
+        "sink": sink,
+        "window": window,
+        "n_layers": n_layers,
+        "n_kv_heads": n_kv,
+        "full_attention_heads": [list(h) for h in chosen],
+        "query_heads": [
+            f"{layer}.{kv * group_size + i}" for layer, kv in chosen for i in range(group_size)
+        ],
+    }
+    atomic_write_text(paths["json"], json.dumps(listing, indent=1) + "\n")
+    return paths
+
+
+def _tsv(table: np.ndarray) -> str:
+    return "".join("\t".join(f"{v:.6g}" for v in row) + "\n" for row in table)
