@@ -125,6 +125,24 @@ def test_causal_sweep(detection, runs):
     assert (runs / "causal" / "k_sweep.html").exists()
 
 
+def test_kv_cache_what_if(detection, runs):
+    result = script("kv_cache").main(
+        ["--scores", str(detection), "--ks", "0,2", "--draws", "2", "--out", str(runs / "kv")]
+        + ["--sweep-lengths", "300,700", "--sweep-needles", "1"]
+    )
+    assert result["trials"] == 10 and result["baseline"] >= 0.9
+    top = result["chosen"]
+    # two KV heads of the retrieval layer keep the whole context: ~13% of the cache suffices
+    assert top["k"] <= 2 and top["accuracy"] >= result["baseline"] - 0.05
+    assert top["kv_share"] < 0.2
+    # ... while as many random KV heads, or windowing every head with as much memory, fail
+    assert result["random_same_k"]["accuracy"] <= top["accuracy"] - 0.3
+    assert result["uniform_at_least_that_share"]["accuracy"] <= top["accuracy"] - 0.3
+    listing = read(runs / "kv" / "full_attention_heads.json")
+    assert {layer for layer, _ in listing["full_attention_heads"]} == {2}  # the copy layer
+    assert (runs / "kv" / "duo_attention" / "full_attention_heads.tsv").exists()
+
+
 def test_cot_on_the_embedded_model(detection, runs):
     result = script("cot").main(
         ["--scores", str(detection), "--ks", "0,6", "--draws", "1", "--n", "4"]
