@@ -9,7 +9,7 @@ K      ?= 0,1,2,5,10,20
 OUT    ?= runs/$(subst /,_,$(MODEL))
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-all bench detect ablate report train-tiny docs lint setup-browser clean
+.PHONY: setup demo test test-slow test-all bench detect ablate kv-sim report train-tiny docs lint setup-browser clean
 
 setup: $(STAMP)
 
@@ -43,8 +43,13 @@ ablate: setup
 	test -f $(OUT)/detect/head_scores.json || $(PY) -m retrieval_heads detect --model $(MODEL) --out $(OUT)/detect
 	$(PY) -m retrieval_heads ablate --model $(MODEL) --scores $(OUT)/detect --top-k $(K) --out $(OUT)/ablate
 
+# KV-cache what-if; detects first when no scores exist for that model.
+kv-sim: setup
+	test -f $(OUT)/detect/head_scores.json || $(PY) -m retrieval_heads detect --model $(MODEL) --out $(OUT)/detect
+	$(PY) -m retrieval_heads kv-sim --model $(MODEL) --scores $(OUT)/detect --out $(OUT)/kv-sim
+
 report: setup
-	$(PY) -m retrieval_heads report $(wildcard $(OUT)/detect $(OUT)/ablate) --out $(OUT)/report.html --model $(MODEL)
+	$(PY) -m retrieval_heads report $(wildcard $(OUT)/detect $(OUT)/ablate $(OUT)/kv-sim) --out $(OUT)/report.html --model $(MODEL)
 
 train-tiny: setup
 	$(PY) -m retrieval_heads.tiny.train --out retrieval_heads/tiny/weights

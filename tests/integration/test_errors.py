@@ -736,6 +736,32 @@ def test_e41_no_trial_passes(cli, tmp_path):
     assert meta["status"] == "failed" and "no trial passed" in meta["failure"]
 
 
+def test_e43_kv_sim_scores_of_another_model(cli, tmp_path):
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"0-0": [0.5], "0-1": [0.1], "1-0": [0.0], "1-1": [0.2]}))
+    before = snapshot(tmp_path)
+    run = cli("kv-sim", "--model", "tiny", *ONE, "--scores", scores, "--out", tmp_path / "kv")
+    assert_error(run, 2, r"holds scores for 2 x 2 heads but tiny has 8 x 8: detect on this model")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("option", "pattern"),
+    [
+        (["--window", "0"], r"window must be an integer >= 1, got 0"),
+        (["--sink", "-1"], r"sink must be an integer >= 0, got -1"),
+        (["--top-k", "0,40"], r"K must be an integer from 0 to the model's 32 KV heads, got 40"),
+        (["--random", "-1"], r"draws must be >= 0, got -1"),
+    ],
+)
+def test_e44_kv_sim_bad_window_sink_or_k(cli, tmp_path, finished, option, pattern):
+    before = snapshot(tmp_path, finished)
+    out = tmp_path / "kv"
+    run = cli("kv-sim", "--model", "tiny", *ONE, "--scores", finished, "--out", out, *option)
+    assert_error(run, 2, pattern)
+    assert snapshot(tmp_path, finished) == before and not out.exists()
+
+
 def test_catalogue_rows_have_tests():
     """docs/errors.md and this module agree: every row names a test here (planned rows aside)."""
     rows = [line for line in DOC.read_text().splitlines() if re.match(r"\| E\d\d ", line)]
