@@ -213,3 +213,16 @@ def test_merge_refuses_repeated_or_renamed_shards(tmp_path):
     shard_dir(other, Shard(0, 2)).rename(shard_dir(other, Shard(1, 2)))
     write_shard(other, Shard(0, 2), records)
     refused(other, r"1-of-2 is not shard 1/2: its meta.json says .*'index': 0")
+
+
+def test_merge_says_how_to_finish_a_shard_from_the_recorded_command(tmp_path, monkeypatch):
+    argv = ["/x/retrieval_heads/__main__.py", "detect", "--out", "my run", "--shard", "0/3"]
+    monkeypatch.setattr("sys.argv", argv)
+    records = [record(i) for i in range(6)]
+    write_shard(tmp_path, Shard(0, 3), records)
+    meta = json.loads((shard_dir(tmp_path, Shard(0, 3)) / "meta.json").read_text())
+    assert meta["extra"]["shard"]["command"] == "retrieval-heads detect --out 'my run' --shard 0/3"
+    refused(tmp_path, r"shard 1/3 is missing .*: run `retrieval-heads detect --out 'my run' "
+                      r"--shard 1/3`, then merge again")  # fmt: skip
+    monkeypatch.setattr("sys.argv", ["/usr/bin/pytest", "-q"])  # not a retrieval-heads command
+    assert shard_meta(Shard(0, 1), 1)["shard"]["command"] is None
