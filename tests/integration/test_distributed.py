@@ -240,3 +240,34 @@ def test_device_map_auto_without_gpus_keeps_the_model_on_cpu(tiny_model, tiny_tr
     assert str(model.device) == "cpu" and model.fast_prefill  # one device: the fast path stays
     trials = tiny_trials[:3]
     assert (detect(model, trials).values == detect(tiny_model, trials).values).all()
+
+
+def test_experiment_detection_shards_then_merge(tmp_path, tiny_model, monkeypatch):
+    """The experiment scripts' detection (``_common.detection``) with ``--shard``: each share
+    stops the script; after ``merge`` the script without ``--shard`` goes on from the merge."""
+    import argparse
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "experiments"))
+    common = importlib.import_module("_common")
+    monkeypatch.setattr(common, "load", lambda name: tiny_model)
+    said: list[str] = []
+
+    def detection(out: Path, shard: str | None):
+        args = argparse.Namespace(
+            model="tiny", scores=None, lengths=[150, 250], depths=[0.0, 100.0], n_needles=1,
+            n_distractors=2, seed=0, shard=shard,
+        )  # fmt: skip
+        return common.detection(args, out, said.append)
+
+    for which in ("1/2", "0/2"):
+        with pytest.raises(SystemExit) as info:
+            detection(tmp_path / "sharded", which)
+        assert info.value.code == 0
+    assert f"merge with `retrieval-heads merge {tmp_path / 'sharded' / 'detect'}`" in said[-1]
+    in_process(["merge", tmp_path / "sharded" / "detect"])
+    _, _, kept, _ = detection(tmp_path / "sharded", None)
+    _, _, records_one, _ = detection(tmp_path / "one", None)
+    assert len(kept) == 4 and [r.trial_id for r in kept] == [r.trial_id for r in records_one]
+    one, sharded = tmp_path / "one" / "detect", tmp_path / "sharded" / "detect"
+    assert (sharded / "head_scores.json").read_bytes() == (one / "head_scores.json").read_bytes()
