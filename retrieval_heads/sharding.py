@@ -412,7 +412,15 @@ class Job:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=self.timeout)
+                # torchrun may keep its store across restarts (--max-restarts); keys a killed
+                # rank left there would send the new ranks to dead addresses, so each attempt
+                # gets its own key prefix.
+                store, rank, world = next(dist.rendezvous("env://", timeout=self.timeout))
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                store = dist.PrefixStore(f"retrieval-heads/attempt-{attempt}", store)
+                dist.init_process_group(
+                    "gloo", store=store, rank=rank, world_size=world, timeout=self.timeout
+                )
                 self._joined = True
             if torch.cuda.is_available() and self.local_rank < torch.cuda.device_count():
                 torch.cuda.set_device(self.local_rank)
