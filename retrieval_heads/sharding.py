@@ -215,6 +215,64 @@ def _disagreements(name_a: str, a: dict, name_b: str, b: dict) -> list[str]:
     return out
 
 
+def _check_shards(root: Path) -> tuple[dict[int, dict], dict[int, Path]]:
+    """The ``meta.json`` and directory of every shard ``0..N-1`` under ``root``, once they are
+    checked to be one set (one N) of one run (same kind, model, seed, config), none missing."""
+    found = _find_shards(root)
+    if not found:
+        raise MergeError(
+            f"no shards in {root}: write them first (with --shard I/N, or under torchrun), "
+            "then merge"
+        )
+    counts = sorted({count for _, count in found})
+    if len(counts) > 1:
+        names = ", ".join(path.name for path in found.values())
+        raise MergeError(
+            f"mismatched shard sets in {root} ({names}): the shards of one run split it the same "
+            "way (the same N in I-of-N). Move the set you do not want elsewhere, then merge again"
+        )
+    count = counts[0]
+    paths = {index: path for (index, _), path in found.items()}
+    stray = sorted(path.name for index, path in paths.items() if index >= count)
+    if stray:
+        raise MergeError(
+            f"{', '.join(stray)} in {root} cannot be shards (shard I of N has I < N): "
+            "remove them, then merge again"
+        )
+    metas: dict[int, dict] = {}
+    for index, path in paths.items():
+        if not (path / "meta.json").exists():
+            continue  # killed before its first write: reported as missing below
+        meta = read_meta(path)
+        share = (meta.get("extra") or {}).get("shard")
+        if not isinstance(share, dict) or (share.get("index"), share.get("count")) != (
+            index,
+            count,
+        ):
+            raise MergeError(
+                f"{path} is not shard {index}/{count}: its meta.json says {share!r}. "
+                "Shard directories are written by --shard or torchrun; do not rename them"
+            )
+        metas[index] = meta
+    if metas:
+        first = min(metas)
+        for index, meta in metas.items():
+            problems = _disagreements(paths[first].name, metas[first], paths[index].name, meta)
+            if problems:
+                raise MergeError(
+                    f"the shards in {root} are not from one run: {'; '.join(problems[:4])}. "
+                    "Remove the shards of the other run and write them again with the same "
+                    "command"
+                )
+    for index in range(count):
+        if index not in metas:
+            raise MergeError(
+                f"shard {index}/{count} is missing (no {root / f'{index}-of-{count}'} with a "
+                f"meta.json): {_finish_hint(metas, index, count)}, then merge again"
+            )
+    return metas, paths
+
+
 def merge(
     out: str | Path,
     *,
@@ -235,68 +293,25 @@ def merge(
     trial passed, as the unsharded run would have done.
     """
     out = Path(out)
-    root = out / SHARDS_DIR
-    found = _find_shards(root)
-    if not found:
-        raise MergeError(
-            f"no shards in {root}: write them first (with --shard I/N, or under torchrun), "
-            "then merge"
-        )
-    counts = sorted({count for _, count in found})
-    if len(counts) > 1:
-        names = ", ".join(path.name for path in found.values())
-        raise MergeError(
-            f"mismatched shard sets in {root} ({names}): the shards of one run split it the same "
-            "way (the same N in I-of-N). Move the set you do not want elsewhere, then merge again"
-        )
-    count = counts[0]
-    metas: dict[int, dict] = {}
-    for (index, _), path in found.items():
-        if (path / "meta.json").exists():
-            meta = read_meta(path)
-            share = (meta.get("extra") or {}).get("shard")
-            if not isinstance(share, dict) or (share.get("index"), share.get("count")) != (
-                index,
-                count,
-            ):
-                raise MergeError(
-                    f"{path} is not shard {index}/{count}: its meta.json says {share!r}. "
-                    "Shard directories are written by --shard or torchrun; do not rename them"
-                )
-            metas[index] = meta
-    first = min(metas, default=None)
-    for index, meta in metas.items():
-        problems = _disagreements(
-            found[(first, count)].name, metas[first], found[(index, count)].name, meta
-        )
-        if problems:
-            raise MergeError(
-                f"the shards in {root} are not from one run: {'; '.join(problems[:4])}. "
-                "Remove the shards of the other run and write them again with the same command"
-            )
-    for index in range(count):
-        if index not in metas:
-            raise MergeError(
-                f"shard {index}/{count} is missing (no {root / f'{index}-of-{count}'} with a "
-                f"meta.json): {_finish_hint(metas, index, count)}, then merge again"
-            )
+    metas, paths = _check_shards(out / SHARDS_DIR)
+    count = len(metas)
     records: list[TrialRecord] = []
     for index in range(count):
-        meta, path = metas[index], found[(index, count)]
-        owned = meta["extra"]["shard"]["units"]
-        held = load_records(path)
-        if meta.get("status") != "finished" or len(held) != owned:
+        units = metas[index]["extra"]["shard"]["units"]
+        held = load_records(paths[index])
+        if metas[index].get("status") != "finished" or len(held) != units:
             raise MergeError(
-                f"shard {index}/{count} is unfinished ({len(held)} of {owned} trials in {path}, "
-                f"status {meta.get('status')!r}; it may still be running): "
-                f"{_finish_hint(metas, index, count)} to complete it, then merge again"
+                f"shard {index}/{count} is unfinished ({len(held)} of {units} trials in "
+                f"{paths[index]}, status {metas[index].get('status')!r}; it may still be "
+                f"running): {_finish_hint(metas, index, count)} to complete it, then merge again"
             )
         records.extend(held)
     repeated = [tid for tid, n in Counter(r.trial_id for r in records).items() if n > 1]
     if repeated:
         raise MergeError(
-            f"trial {repeated[0]!r} is in more than one shard in {root} ({len(repeated)} repeated "
-            "ids): these shards were not made by one run. Remove them and write them again"
+            f"trial {repeated[0]!r} is in more than one shard in {out / SHARDS_DIR} "
+            f"({len(repeated)} repeated ids): these shards were not made by one run. Remove "
+            "them and write them again"
         )
     records.sort(key=lambda r: r.trial_id)
     reference = metas[0]

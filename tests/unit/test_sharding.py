@@ -213,6 +213,11 @@ def test_merge_refuses_repeated_or_renamed_shards(tmp_path):
     shard_dir(other, Shard(0, 2)).rename(shard_dir(other, Shard(1, 2)))
     write_shard(other, Shard(0, 2), records)
     refused(other, r"1-of-2 is not shard 1/2: its meta.json says .*'index': 0")
+    stray = tmp_path / "c"
+    write_shard(stray, Shard(0, 2), records)
+    write_shard(stray, Shard(1, 2), records)
+    (stray / "shards" / "2-of-2").mkdir()
+    refused(stray, r"2-of-2 in .* cannot be shards \(shard I of N has I < N\)")
 
 
 def test_merge_says_how_to_finish_a_shard_from_the_recorded_command(tmp_path, monkeypatch):
