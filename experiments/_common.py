@@ -46,12 +46,20 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
-def add_grid_args(p: argparse.ArgumentParser, *, n_needles: int = 2) -> None:
-    """Arguments of a detection grid (defaults fit the model's context: 3 lengths up to it)."""
+def add_grid_args(p: argparse.ArgumentParser, *, n_needles: int = 2, shard: bool = True) -> None:
+    """Arguments of a detection grid (defaults fit the model's context: 3 lengths up to it), and
+    ``--shard`` for scripts whose detection goes through :func:`detection`."""
     p.add_argument("--lengths", type=ints, default=None, help="e.g. 200,600,1000 (fit to n_ctx)")
     p.add_argument("--depths", type=floats, default=DEFAULT_DEPTHS, help="percent (0,50,100)")
     p.add_argument("--n-needles", type=int, default=n_needles, help=f"needles ({n_needles})")
     p.add_argument("--n-distractors", type=int, default=2, help="distractor needles (2)")
+    if shard:
+        p.add_argument(
+            "--shard",
+            default=None,
+            metavar="I/N",
+            help="detect only share I of N of the grid, then stop (docs/scale.md)",
+        )
 
 
 class Clock:
@@ -130,10 +138,14 @@ def detect_or_load(
     n_distractors: int = 2,
     seed: int = 0,
     say: Clock | None = None,
-) -> tuple[dict[str, Any], Any, list, str]:
+    shard: Any = None,
+) -> tuple[dict[str, Any], Any, list, str] | None:
     """``(meta, HeadScores, records, source)``: read ``scores`` (a results directory or any file
     :func:`~retrieval_heads.results.load_results` reads) when given, else detect on
-    ``model_name`` into ``out`` (resumable: a rerun reuses what is there)."""
+    ``model_name`` into ``out`` (resumable: a rerun reuses what is there). With ``shard`` (a
+    :class:`~retrieval_heads.sharding.Shard`) only that share is detected, into
+    ``out/shards/``, and ``None`` is returned: the run's scores exist once the shards are
+    merged."""
     from retrieval_heads.results import load_results
     from retrieval_heads.scoring import detect
 
@@ -160,7 +172,17 @@ def detect_or_load(
         "n_needles": n_needles,
         "n_distractors": n_distractors,
     }
-    detect(model, trials, out=out, model_name=model.name, run_config={"grid": grid}, seed=seed)
+    detect(
+        model,
+        trials,
+        out=out,
+        model_name=model.name,
+        run_config={"grid": grid},
+        seed=seed,
+        shard=shard,
+    )
+    if shard is not None:
+        return None
     meta, head_scores, records = load_results(out)
     return meta, head_scores, records, str(out)
 
@@ -238,11 +260,19 @@ def finish(out: Path, files: Sequence[Path], say: Clock) -> None:
 
 
 def detection(args: argparse.Namespace, out: Path, say: Clock):
-    """``detect_or_load`` with the grid options every experiment script takes (``add_grid_args``)."""
+    """``detect_or_load`` with the grid options every experiment script takes (``add_grid_args``).
+
+    Only the detection is sharded (it is where the model time goes; what follows runs in one
+    process). With ``--shard I/N`` this process detects its share into ``out/detect/shards/``
+    and the script stops; once every share is written, ``retrieval-heads merge out/detect``
+    and the script rerun without ``--shard`` goes on from the merged detection. Under torchrun
+    each rank detects its share, rank 0 merges and goes on alone, the other ranks stop.
+    """
+    from retrieval_heads.scoring import detection_failure
+    from retrieval_heads.sharding import Job, shard_dir
+
     out.mkdir(parents=True, exist_ok=True)
-    return detect_or_load(
-        args.model,
-        out / "detect",
+    grid = dict(
         scores=args.scores,
         lengths=args.lengths,
         depths=args.depths,
@@ -251,3 +281,21 @@ def detection(args: argparse.Namespace, out: Path, say: Clock):
         seed=args.seed,
         say=say,
     )
+    job = Job.from_env(getattr(args, "shard", None))
+    if job.shard is None:
+        return detect_or_load(args.model, out / "detect", **grid)
+    if args.scores is not None:
+        raise SystemExit("--shard splits a detection; with --scores there is none to split")
+    with job:
+        detect_or_load(args.model, out / "detect", shard=job.shard, **grid)
+        job.finish(out / "detect", no_pass_error=detection_failure)
+    if not job.merges:
+        where = shard_dir(out / "detect", job.shard)
+        then = (
+            "rank 0 goes on"
+            if job.torchrun
+            else f"merge with `retrieval-heads merge {out / 'detect'}`"
+        )
+        say(f"detection shard {job.shard} written to {where}; {then}")
+        raise SystemExit(0)
+    return detect_or_load(args.model, out / "detect", scores=out / "detect", say=say)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> list:
     p.add_argument("--models", nargs="+", default=["tiny", "tiny-short"], help="see above")
     p.add_argument("--threshold", type=float, default=0.1, help="retrieval threshold (0.1)")
     p.add_argument("--top", type=int, default=5, help="top heads per model (5)")
-    C.add_grid_args(p)
+    C.add_grid_args(p, shard=False)  # several detections: not sharded (docs/scale.md)
     args = p.parse_args(argv)
 
     from retrieval_heads import analysis

@@ -74,6 +74,7 @@ from retrieval_heads.interventions import MODES, PHASES, Ablation, ZRecorder, me
 from retrieval_heads.model import HookedModel
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
 from retrieval_heads.scoring import SCORERS, DecodeConfig, HooksFor, check_lengths, score_trial
+from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 
 __all__ = [
     "SELECTIONS",
@@ -706,6 +707,7 @@ class _Runner:
         run: ResultsDir | None,
         total: int,
         progress: bool,
+        shard: Shard | None = None,
     ) -> None:
         self.model = model
         self.trials = list(trials)
@@ -714,6 +716,7 @@ class _Runner:
         self.config = config
         self.mean_z = mean_z
         self.run = run
+        self.shard = shard
         self.records: list[TrialRecord] = []
         self.recordings = _Recordings(model, config)
         self.bar = None
@@ -723,12 +726,22 @@ class _Runner:
             self.bar = tqdm(total=total, desc="ablation trials", unit="trial")
 
     def condition(
-        self, condition: Condition, tag: str | None = None, extra: Mapping[str, Any] | None = None
+        self,
+        condition: Condition,
+        tag: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        position: int = 0,
     ) -> None:
+        """Run ``condition`` over the trials; ``position`` is the condition's index in the sweep
+        (a shard owns the (condition, trial) units at ``position * n_trials + trial index``)."""
         done = self.run.done_ids() if self.run is not None else frozenset()
-        todo = [t for t in self.trials if f"{t.trial_id}|{tag or condition.tag}" not in done]
+        first = position * len(self.trials)
+        mine = [
+            t for i, t in enumerate(self.trials) if self.shard is None or self.shard.owns(first + i)
+        ]
+        todo = [t for t in mine if f"{t.trial_id}|{tag or condition.tag}" not in done]
         if self.bar is not None:
-            self.bar.update(len(self.trials) - len(todo))
+            self.bar.update(len(mine) - len(todo))
         if not todo:
             return
         hooks, extras = ablation_hooks(
@@ -786,6 +799,7 @@ def ablate_grid(
     mean_z: Tensor | None = None,
     n_reference: int = 8,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> list[TrialRecord]:
     """Answer and score ``trials`` with ``heads`` ablated (``mode``, ``phase``).
 
@@ -797,6 +811,8 @@ def ablate_grid(
     the next trial with another needle and haystack (:func:`resample_sources`); ``knockout``
     blocks the target needle's span. With ``out``, records go to a results directory
     (``kind="ablate"``; atomic, resumable) and the returned list is all of it, sorted by id.
+    With ``shard`` (and ``out``) only the shard's share of the trials runs, into
+    ``out/shards/<i>-of-<N>/`` (:mod:`retrieval_heads.sharding`), and that share is returned.
     """
     config = config or DecodeConfig()
     _check_mode(mode, phase)
@@ -834,6 +850,7 @@ def ablate_grid(
         seed=None,
         tag=tag,
         extra=extra,
+        shard=shard,
     )
 
 
@@ -853,9 +870,12 @@ def _execute(
     tag: str | None = None,
     extra: Mapping[str, Any] | None = None,
     kind: str = "ablate",
+    shard: Shard | None = None,
 ) -> list[TrialRecord]:
     began = time.perf_counter()
     total = len(conditions) * len(trials)
+    if shard is not None and out is None:
+        raise ValueError("a sharded ablation needs out=: shards are merged from disk")
     # What would fail on the first trial fails here, before a results directory is made: a
     # directory made for a run that cannot run would refuse the corrected rerun.
     check_lengths(model, trials)
@@ -873,19 +893,30 @@ def _execute(
             config=config,
             mean_z=mean_z,
             run=run,
-            total=total,
+            total=total if shard is None else len(shard.positions(total)),
             progress=progress,
+            shard=shard,
         )
         try:
-            for condition in conditions:
-                runner.condition(condition, tag, extra)
+            for position, condition in enumerate(conditions):
+                runner.condition(condition, tag, extra, position)
         finally:
             runner.close()
         return runner
 
     if out is None:
         return go(None).records
-    with ResultsDir(out, model=_model_name(model), config=run_config, kind=kind, seed=seed) as run:
+    path, shard_extra = out, None
+    if shard is not None:  # its share only, into OUT/shards/<i>-of-<N>/ for merge
+        path, shard_extra = shard_dir(out, shard), shard_meta(shard, total)
+    with ResultsDir(
+        path,
+        model=_model_name(model),
+        config=run_config,
+        kind=kind,
+        seed=seed,
+        extra_meta=shard_extra,
+    ) as run:
         go(run)
         run.finalize(timing={"wall_s": round(time.perf_counter() - began, 3)})
         return run.records()
@@ -921,6 +952,7 @@ def k_sweep(
     mean_z: Tensor | None = None,
     n_reference: int = 8,
     score_source: str | None = None,
+    shard: Shard | None = None,
 ) -> list[TrialRecord]:
     """Ablate the top-K heads, and K random (and layer-matched) heads, for every K.
 
@@ -932,7 +964,9 @@ def k_sweep(
     (requested and clipped), draws, seed, mode, phase, threshold, the score source with the
     top heads' scores, the trial ids' digest and every condition's heads; a rerun after an
     interruption skips the records already there. Returns the records (sorted by id with
-    ``out``; in run order without).
+    ``out``; in run order without). With ``shard`` (and ``out``) only the shard's share of the
+    (condition, trial) pairs runs, condition-major, into ``out/shards/<i>-of-<N>/``
+    (:mod:`retrieval_heads.sharding`), and that share is returned.
     """
     config = config or DecodeConfig()
     _check_mode(mode, phase)
@@ -987,6 +1021,7 @@ def k_sweep(
         progress=progress,
         seed=seed,
         extra=extra,
+        shard=shard,
     )
 
 
@@ -1204,6 +1239,7 @@ def control_sweep(
     out: str | Path | None = None,
     config: DecodeConfig | None = None,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> ControlSweep:
     """NIAH vs memorised facts vs chain following under the same top-K / random-K ablations.
 
@@ -1211,7 +1247,8 @@ def control_sweep(
     grid at that length, 5 depths, 2 distractors; facts: :func:`fact_trials`; chains:
     :func:`chain_trials`), all seeded by ``seed``. Conditions as in :func:`k_sweep`. Returns
     the records and per-task summaries; with ``out``, a results directory (kind
-    ``"ablate-controls"``), resumable like the K-sweep's.
+    ``"ablate-controls"``), resumable like the K-sweep's; ``shard`` as in :func:`k_sweep`
+    (the summaries are then of the share only).
     """
     config = config or DecodeConfig()
     _check_mode(mode, phase)
@@ -1280,6 +1317,7 @@ def control_sweep(
         seed=seed,
         extra=extra,
         kind="ablate-controls",
+        shard=shard,
     )
     by_task: dict[str, list[TrialRecord]] = defaultdict(list)
     for r in records:

@@ -1,7 +1,9 @@
 """The ``retrieval-heads`` command: parse, call the library, print. No logic the library lacks.
 
 Subcommands: ``detect``, ``ablate``, ``patch``, ``kv-sim``, ``report``, ``compare``, ``export``,
-``models``.
+``merge``, ``models``. ``detect``, ``ablate`` and ``kv-sim`` run a share of the sweep with
+``--shard i/N`` or under ``torchrun`` (``retrieval_heads.sharding``).
+
 Errors a user can fix (bad input, a model that is not there, results from another run) print one
 short message and exit 2; nothing already written is touched. A failure of the machine (a full
 disk, an I/O error) prints one line and exits 1, as does a run that produced no result
@@ -11,6 +13,7 @@ disk, an I/O error) prints one line and exits 1, as does a run that produced no 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +44,75 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--n-ctx", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--device-map",
+        type=_device_map,
+        default=None,
+        help="split the model over GPUs: auto, balanced, balanced_low_0, sequential, or a JSON "
+        "{module: device} map (inline or a file)",
+    )
+    p.add_argument("--n-devices", type=int, default=None, help="split evenly over N GPUs")
+    p.add_argument(
+        "--max-memory", type=_max_memory, default=None, help="per device: 0=70GiB,1=70GiB or JSON"
+    )
+
+
+# --- multi-device and sharding options (docs/scale.md) -----------------------------------------
+
+
+def _device_map(text: str):
+    from retrieval_heads.model import DEVICE_MAP_DIRECTIVES
+
+    if text in DEVICE_MAP_DIRECTIVES:
+        return text
+    source = text
+    if not text.lstrip().startswith("{"):
+        if not Path(text).is_file():
+            raise argparse.ArgumentTypeError(
+                f"expected {', '.join(DEVICE_MAP_DIRECTIVES)}, a JSON object or a JSON file; "
+                f"got {text!r}"
+            )
+        source = Path(text).read_text(encoding="utf-8")
+    try:
+        mapping = json.loads(source)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc})") from None
+    if not isinstance(mapping, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{module: device}}, got {text!r}")
+    return mapping
+
+
+def _max_memory(text: str) -> dict:
+    """``0=70GiB,1=70GiB,cpu=200GiB`` or JSON; GPU indices become integers, as accelerate wants."""
+    try:
+        pairs = json.loads(text) if text.lstrip().startswith("{") else None
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc})") from None
+    if pairs is None:
+        items = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        if not items or any(len(item) != 2 or not all(x.strip() for x in item) for item in items):
+            raise argparse.ArgumentTypeError(
+                f"expected DEVICE=SIZE pairs like 0=70GiB,1=70GiB,cpu=200GiB; got {text!r}"
+            )
+        pairs = {k.strip(): v.strip() for k, v in items}
+    if not isinstance(pairs, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{device: size}}, got {text!r}")
+    return {
+        (int(k) if str(k).isdigit() else k): (int(v) if str(v).isdigit() else v)
+        for k, v in pairs.items()
+    }
+
+
+def _shard(text: str):
+    from retrieval_heads.sharding import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+SHARD_HELP = "run share I of N of the sweep (from 0) into OUT/shards/; then: merge OUT"
 
 
 def _add_trial_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trial_args(p)
     p.add_argument("--out", type=Path, required=True, help="results directory (resumable)")
     p.add_argument("--top", type=int, default=10, help="top heads to print")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
     p = sub.add_parser("ablate", help="K-sweep: mask top-K retrieval heads vs K random heads")
     _add_model_args(p)
@@ -81,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="uniform", help="uniform, zero, mean, resample, knockout")
     p.add_argument("--phase", default="decode", choices=["decode", "all"])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
     p = sub.add_parser("patch", help="activation patching per head (clean needle into corrupt)")
     _add_model_args(p)
@@ -111,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tolerance", type=float, default=0.05, help="accuracy loss allowed for the export"
     )
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
     p = sub.add_parser("report", help="one self-contained HTML report from results directories")
     p.add_argument("dirs", type=Path, nargs="+")
@@ -125,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write scores in the published {'L-H': [...]} format")
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser(
+        "merge", help="merge the shards of a detect, ablate or kv-sim run (DIR/shards/)"
+    )
+    p.add_argument("dir", type=Path, help="the --out of the sharded run")
+    p.add_argument("--top", type=int, default=10, help="top heads to print")
 
     sub.add_parser("models", help="list registered models and supported architectures")
     return parser
@@ -147,6 +228,9 @@ def load(args):
         dtype=args.dtype,
         n_ctx=args.n_ctx,
         trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
+        n_devices=args.n_devices,
+        max_memory=args.max_memory,
     )
 
 
@@ -228,8 +312,10 @@ def cmd_detect(args) -> int:
         run_config=run_config(args, trials),
         seed=args.seed,
         progress=True,
+        shard=args.shard,
     )
-    print_top(scores, args.top)
+    if args.shard is None:  # a share's scores are not the run's: merge prints those
+        print_top(scores, args.top)
     return 0
 
 
@@ -258,8 +344,61 @@ def cmd_ablate(args) -> int:
         out=args.out,
         config=DecodeConfig(max_new_tokens=args.max_new_tokens),
         progress=True,
+        shard=args.shard,
     )
-    print(analysis.format_k_sweep(analysis.k_sweep(records)))
+    if args.shard is None:
+        print(analysis.format_k_sweep(analysis.k_sweep(records)))
+    return 0
+
+
+def sharded(command):
+    """``command`` (detect, ablate, kv-sim) as this process's share: ``--shard i/N``, or torchrun's rank
+    (``args.shard`` is set to it). Under torchrun every rank waits for the others and rank 0
+    merges and prints the whole run; with ``--shard`` it says where the share went."""
+
+    def run(args) -> int:
+        from retrieval_heads.scoring import detection_failure
+        from retrieval_heads.sharding import Job, shard_dir
+
+        with Job.from_env(args.shard) as job:
+            args.shard = job.shard
+            args.device = job.device(args.device, args.device_map)
+            code = command(args)
+            if job.shard is None:
+                return code
+            merged = job.finish(args.out, no_pass_error=detection_failure)
+        where = shard_dir(args.out, job.shard)
+        if merged is not None:
+            print_merged(merged, getattr(args, "top", 10))
+        elif job.torchrun:
+            print(f"shard {job.shard} written to {where}; rank 0 merges the run")
+        else:
+            print(
+                f"shard {job.shard} written to {where}; once all are: retrieval-heads merge {args.out}"
+            )
+        return code
+
+    return run
+
+
+def print_merged(merged, top: int) -> None:
+    from retrieval_heads import analysis
+    from retrieval_heads.results import HeadScores
+
+    print(f"merged {merged.count} shards: {len(merged.records)} trials -> {merged.path}")
+    if merged.kind == "detect":
+        print_top(HeadScores.from_records(merged.records), top)
+    elif merged.kind == "ablate":
+        print(analysis.format_k_sweep(analysis.k_sweep(merged.records)))
+    elif merged.kind == "kv-sim":
+        print_kv_sim(merged.path, merged.records, merged.meta)
+
+
+def cmd_merge(args) -> int:
+    from retrieval_heads.scoring import detection_failure
+    from retrieval_heads.sharding import merge
+
+    print_merged(merge(args.dir, no_pass_error=detection_failure), args.top)
     return 0
 
 
@@ -283,7 +422,7 @@ def cmd_patch(args) -> int:
 
 
 def cmd_kv_sim(args) -> int:
-    from retrieval_heads import analysis, kvcache
+    from retrieval_heads import kvcache
     from retrieval_heads.results import load_results
     from retrieval_heads.scoring import DecodeConfig
 
@@ -310,34 +449,28 @@ def cmd_kv_sim(args) -> int:
         out=args.out,
         config=DecodeConfig(max_new_tokens=args.max_new_tokens),
         progress=True,
+        shard=args.shard,
     )
-    print(analysis.format_kv_curve(sweep.curve()))
-    chosen = sweep.chosen(args.tolerance)
-    heads = kvcache.top_kv_heads(sweep.kv_scores, chosen.k)
-    paths = kvcache.export_heads(
-        args.out,
-        heads,
-        sweep.kv_scores,
-        sink=args.sink,
-        window=args.window,
-        group_size=model.n_heads // model.n_kv_heads,
-        info={
-            "model": model.name,
-            "scores": str(args.scores),
-            "reduce": args.reduce,
-            "phase": args.phase,
-            "k": chosen.k,
-            "kv_share": round(chosen.kv_share, 6),
-            "accuracy": chosen.accuracy,
-            "tolerance": args.tolerance,
-        },
+    if args.shard is None:
+        from retrieval_heads.results import read_meta
+
+        print_kv_sim(args.out, sweep.records, read_meta(args.out), args.tolerance)
+    return 0
+
+
+def print_kv_sim(out: Path, records, meta: dict, tolerance: float = 0.05) -> None:
+    """The curve of a finished KV-cache simulation, and its exported smallest sufficient set."""
+    from retrieval_heads import analysis, kvcache
+
+    print(analysis.format_kv_curve(analysis.kv_curve(records)))
+    chosen, paths = kvcache.export_chosen(
+        out, records, meta["config"], tolerance=tolerance, info={"model": meta.get("model")}
     )
     print(
         f"\ntop {chosen.k} KV heads keep accuracy {chosen.accuracy:.3f} with "
         f"{chosen.kv_share:.1%} of the KV cache; wrote {paths['json']} and "
         f"{paths['duo_tsv'].parent}/ (DuoAttention layout)"
     )
-    return 0
 
 
 def cmd_report(args) -> int:
@@ -392,13 +525,14 @@ def cmd_models(args) -> int:
 
 
 COMMANDS = {
-    "detect": cmd_detect,
-    "ablate": cmd_ablate,
+    "detect": sharded(cmd_detect),
+    "ablate": sharded(cmd_ablate),
     "patch": cmd_patch,
-    "kv-sim": cmd_kv_sim,
+    "kv-sim": sharded(cmd_kv_sim),
     "report": cmd_report,
     "compare": cmd_compare,
     "export": cmd_export,
+    "merge": cmd_merge,
     "models": cmd_models,
 }
 

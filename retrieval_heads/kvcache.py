@@ -50,10 +50,12 @@ from retrieval_heads.interventions import window_hooks
 from retrieval_heads.model import HookedModel
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord, atomic_write_text
 from retrieval_heads.scoring import DecodeConfig, check_lengths, score_trial
+from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 
 __all__ = [
     "KVCondition",
     "KVPolicy",
+    "export_chosen",
     "export_heads",
     "kv_head_scores",
     "plan_kv_conditions",
@@ -294,6 +296,7 @@ def simulate(
     out: str | Path | None = None,
     config: DecodeConfig | None = None,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> KVSweep:
     """Answer ``trials`` under every condition of :func:`plan_kv_conditions`.
 
@@ -301,7 +304,10 @@ def simulate(
     are ranked. Each record's id is ``"<trial id>|<condition tag>"`` and its ``params`` hold
     ``selection``, ``n_full_kv_heads``, ``draw``, ``sink``, ``window``, ``phase``,
     ``kv_share`` and ``full_kv_heads``. With ``out``, records go to a results directory
-    (``kind="kv-sim"``; atomic, resumable) and the sweep's records are all of it.
+    (``kind="kv-sim"``; atomic, resumable) and the sweep's records are all of it. With
+    ``shard`` (and ``out``) only the shard's share of the (condition, trial) pairs runs,
+    condition-major, into ``out/shards/<i>-of-<N>/`` (:mod:`retrieval_heads.sharding`; merge
+    them with ``retrieval-heads merge``), and the sweep holds that share.
     """
     config = config or DecodeConfig()
     trials = list(trials)
@@ -338,20 +344,29 @@ def simulate(
     }
     sweep = KVSweep(conditions, kv_scores)
     began = time.perf_counter()
+    units = [(c, t) for c in conditions for t in trials]  # condition-major: the shards' order
     if out is None:
-        sweep.records = list(_run(model, trials, conditions, config, set(), progress))
+        if shard is not None:
+            raise ValueError("a sharded simulation needs out=: shards are merged from disk")
+        sweep.records = list(_run(model, units, config, set(), progress))
         return sweep
+    path, extra = Path(out), None
+    if shard is not None:
+        path, extra = shard_dir(out, shard), shard_meta(shard, len(units))
+        units = [units[p] for p in shard.positions(len(units))]
     name = getattr(model, "name", None) or type(model.hf_model).__name__
-    with ResultsDir(out, model=name, config=run_config, kind="kv-sim", seed=seed) as run:
-        for record in _run(model, trials, conditions, config, run.done_ids(), progress):
+    with ResultsDir(
+        path, model=name, config=run_config, kind="kv-sim", seed=seed, extra_meta=extra
+    ) as run:
+        for record in _run(model, units, config, run.done_ids(), progress):
             run.append(record)
         run.finalize(timing={"wall_s": round(time.perf_counter() - began, 3)})
         sweep.records = run.records()
     return sweep
 
 
-def _run(model, trials, conditions, config, done, progress):
-    todo = [(c, t) for c in conditions for t in trials if f"{t.trial_id}|{c.tag}" not in done]
+def _run(model, units, config, done, progress):
+    todo = [(c, t) for c, t in units if f"{t.trial_id}|{c.tag}" not in done]
     if progress:
         from tqdm.auto import tqdm
 
@@ -438,3 +453,36 @@ def export_heads(
 
 def _tsv(table: np.ndarray) -> str:
     return "".join("\t".join(f"{v:.6g}" for v in row) + "\n" for row in table)
+
+
+def export_chosen(
+    out: str | Path,
+    records: Sequence[TrialRecord],
+    run_config: dict[str, Any],
+    *,
+    tolerance: float = 0.05,
+    info: dict[str, Any] | None = None,
+) -> tuple[analysis.KVPoint, dict[str, Path]]:
+    """Pick the smallest sufficient top-K of a finished sweep (its records and the config
+    :func:`simulate` stored) and :func:`export_heads` it into ``out``; returns the point and
+    the paths. Works on a merged sharded run as on a single one."""
+    kv_scores = np.asarray(run_config["kv_scores"], dtype=np.float64)  # [layer, kv_head]
+    chosen = analysis.smallest_sufficient_k(analysis.kv_curve(records), tolerance)
+    n_heads = records[0].n_heads
+    paths = export_heads(
+        out,
+        top_kv_heads(kv_scores, chosen.k),
+        kv_scores,
+        sink=int(chosen.sink),
+        window=int(chosen.window),
+        group_size=n_heads // kv_scores.shape[1],
+        info={
+            **(info or {}),
+            "reduce": run_config.get("reduce"),
+            "k": chosen.k,
+            "kv_share": round(chosen.kv_share, 6),
+            "accuracy": chosen.accuracy,
+            "tolerance": tolerance,
+        },
+    )
+    return chosen, paths

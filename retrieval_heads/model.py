@@ -888,6 +888,55 @@ def _check_n_ctx(bridge: Any, n_ctx: int | None) -> None:
         )
 
 
+DEVICE_MAP_DIRECTIVES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_placement(
+    device: Any, device_map: Any, n_devices: int | None, max_memory: dict | None
+) -> dict[str, Any]:
+    """Check the multi-device options; return the ones to pass on besides ``device_map``."""
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_DIRECTIVES:
+        raise ModelLoadError(
+            f"unknown device map {device_map!r}: use {', '.join(DEVICE_MAP_DIRECTIVES)}, or a "
+            "{module name: device} mapping"
+        )
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        raise ModelLoadError(f"device_map must be a string or a mapping, got {device_map!r}")
+    if isinstance(device_map, dict):
+        for module, target in device_map.items():
+            good = isinstance(target, (int, str)) and not isinstance(target, bool)
+            if not isinstance(module, str) or not good:
+                raise ModelLoadError(
+                    f"device map entry {module!r}: {target!r} should map a module name to a "
+                    "device (a GPU index, 'cuda:N', 'cpu' or 'disk')"
+                )
+    if n_devices is not None:
+        if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+            raise ModelLoadError(f"n_devices must be a positive integer, got {n_devices!r}")
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n_devices > 1 and have < n_devices:
+            raise ModelLoadError(
+                f"n_devices={n_devices} asked for, but this machine has {have} CUDA device(s): "
+                f"use at most {have}, or device_map"
+            )
+    split = device_map is not None or (n_devices or 1) > 1
+    if device is not None and split:
+        raise ModelLoadError("pass device, or device_map / n_devices to split the model; not both")
+    if max_memory is not None:
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise ModelLoadError(f"max_memory must be a non-empty mapping, got {max_memory!r}")
+        if not split:
+            raise ModelLoadError(
+                "max_memory caps devices of a split model: pass device_map or n_devices with it"
+            )
+    out: dict[str, Any] = {}
+    if n_devices is not None and n_devices > 1:
+        out["n_devices"] = n_devices
+    if max_memory is not None:
+        out["max_memory"] = max_memory
+    return out
+
+
 def load_model(
     name_or_path: str | os.PathLike | Any,
     *,
@@ -897,6 +946,8 @@ def load_model(
     n_ctx: int | None = None,
     tokenizer: Any = None,
     trust_remote_code: bool = False,
+    n_devices: int | None = None,
+    max_memory: dict | None = None,
 ) -> HookedModel:
     """Load a model as a :class:`HookedModel`.
 
@@ -911,18 +962,30 @@ def load_model(
       rewires that model in place (its submodules become hooked wrappers).
 
     ``device`` defaults to CUDA when available; ``dtype`` to float32 (for a loaded model:
-    its own); ``device_map`` is Hugging Face's (exclusive with ``device``); ``n_ctx`` caps
-    the sequence length ``prefill``/``step`` accept (default: the model's context);
-    ``trust_remote_code`` stays off unless asked. Failures raise :class:`ModelLoadError`.
+    its own); ``n_ctx`` caps the sequence length ``prefill``/``step`` accept (default: the
+    model's context); ``trust_remote_code`` stays off unless asked.
+
+    One model over several GPUs (exclusive with ``device``), passed to TransformerLens'
+    ``boot_transformers``, which hands them to ``from_pretrained`` (accelerate dispatch):
+    ``device_map`` is Hugging Face's (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+    ``"sequential"`` or ``{module name: device}``); ``n_devices=N`` splits the layers evenly
+    over the first N GPUs (``"balanced"``); ``max_memory`` caps each device
+    (``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``). A model spread over several devices
+    prefills through the bridge in chunks (the SDPA twin has no dispatch hooks; see
+    :attr:`HookedModel.fast_prefill_reason`). Failures raise :class:`ModelLoadError`.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     torch_dtype = _resolve_dtype(dtype)
-    if device is not None and device_map is not None:
-        raise ModelLoadError("pass device or device_map, not both")
+    placement = _check_placement(device, device_map, n_devices, max_memory)
     _check_device(device)
 
     if isinstance(name_or_path, torch.nn.Module):
+        if placement:
+            raise ModelLoadError(
+                "device_map, n_devices and max_memory apply when loading from a name or a "
+                "directory; for a loaded model pass device_map to from_pretrained instead"
+            )
         return _load_object(name_or_path, device, torch_dtype, n_ctx, tokenizer)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelLoadError(
@@ -941,6 +1004,7 @@ def load_model(
         "device_map": device_map,
         "dtype": torch_dtype or torch.float32,
         "trust_remote_code": trust_remote_code,
+        **placement,
     }
     path = Path(source).expanduser()
     if isinstance(source, Path) or path.exists():

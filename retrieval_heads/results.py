@@ -88,6 +88,7 @@ __all__ = [
     "write_published",
     "load_results",
     "load_records",
+    "read_meta",
     "provenance",
     "atomic_write_text",
 ]
@@ -1286,6 +1287,17 @@ def load_records(directory: str | Path) -> list[TrialRecord]:
             merged[record.trial_id] = record
     merged.update(_read_trial_files(directory / TRIALS_DIR))
     return [merged[k] for k in sorted(merged)]
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """A results directory's ``meta.json``; :class:`ResultsError` if it is missing or not ours."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise ResultsError(f"results directory {directory} has no {META_FILE}")
+    meta = _read_json(path, "results metadata")
+    if not isinstance(meta, dict) or meta.get("schema") != RESULTS_SCHEMA:
+        raise ResultsError(f"results metadata {path} is not a retrieval-heads results file")
+    return meta
 
 
 def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

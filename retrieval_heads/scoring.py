@@ -38,6 +38,7 @@ from retrieval_heads.grading import classify_failure, grade
 from retrieval_heads.haystack import Trial
 from retrieval_heads.model import ContextLengthError, HookedModel
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
+from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 
 SCORERS = ("retrieval", "topk", "attention_mass")
 HookPairs = list[tuple[str, Callable]]
@@ -88,11 +89,14 @@ class _StepStats:
 
         def reduce_row(pattern: Float[Tensor, "batch head query key"], hook: Any) -> None:
             row = pattern[0, :, -1, :].float()  # [head, key]: the current query's attention
-            self.argmax[-1][layer] = row.argmax(dim=-1)
-            self.span_mass[-1][layer] = row[:, start:end].sum(dim=-1)
+            # The tables live on the embedding's device; with a device map this layer may be
+            # on another GPU, so each [head] result is gathered there (a few bytes per layer).
+            table = self.argmax[-1].device
+            self.argmax[-1][layer] = row.argmax(dim=-1).to(table)
+            self.span_mass[-1][layer] = row[:, start:end].sum(dim=-1).to(table)
             values, index = row.topk(min(k, row.shape[-1]), dim=-1)  # [head, k]
             inside = (index >= start) & (index < end)
-            self.topk_mass[-1][layer] = (values * inside).sum(dim=-1)
+            self.topk_mass[-1][layer] = (values * inside).sum(dim=-1).to(table)
 
         return reduce_row
 
@@ -254,18 +258,39 @@ def detect(
     kind: str = "detect",
     progress: bool = False,
     require_pass: bool = True,
-) -> HeadScores:
+    shard: Shard | None = None,
+) -> HeadScores | None:
     """Score every trial and aggregate per head (mean over passing trials, as in the paper).
 
     With ``out``, results go to a results directory as they finish (atomic; a rerun skips the
     trials already there). Raises :class:`DetectionError` when no trial passes and
     ``require_pass`` is set, with what the model answered, instead of returning empty scores.
+
+    With ``shard`` (and ``out``), only the trials at the shard's positions of ``trials`` are
+    scored, into ``out/shards/<i>-of-<N>/`` (see :mod:`retrieval_heads.sharding`); the return
+    value is that share's scores (``None`` if it owns no trial), and no passing trial in the
+    share is not an error: :func:`~retrieval_heads.sharding.merge` judges the whole run.
     """
     config = config or DecodeConfig()
     run_config = dict(run_config or {})
     run_config.setdefault("decode", config.__dict__ | {"stop_strings": list(config.stop_strings)})
     name = model_name or getattr(model, "name", None) or type(model.hf_model).__name__
     check_lengths(model, trials)  # before a results directory is made for a run that cannot run
+    if shard is not None:
+        if out is None:
+            raise ValueError("a sharded detection needs out=: shards are merged from disk")
+        share = [trials[p] for p in shard.positions(len(trials))]
+        extra = shard_meta(shard, len(trials), require_pass=require_pass)
+        path = shard_dir(out, shard)
+        with ResultsDir(
+            path, model=name, config=run_config, kind=kind, seed=seed, extra_meta=extra
+        ) as run:
+            done = run.done_ids()
+            for record in iter_detect(model, _progress(share, progress, done), config, hooks, done):
+                run.append(record)
+            run.finalize()
+            records = run.records()
+        return HeadScores.from_records(records) if records else None
     if out is None:
         records = list(iter_detect(model, _progress(trials, progress), config, hooks))
     else:
@@ -282,6 +307,11 @@ def detect(
     if require_pass and not any(r.passed for r in records):
         raise DetectionError(failure_summary(records))
     return HeadScores.from_records(records)
+
+
+def detection_failure(records: Sequence[TrialRecord]) -> DetectionError:
+    """The error of a detection in which no trial passed (for merging shards of one)."""
+    return DetectionError(failure_summary(records))
 
 
 def check_lengths(model: HookedModel, trials: Iterable[Trial]) -> None:

@@ -104,7 +104,8 @@ def loader(model):
             None,
             False,
         )
-        return model if args.model == "tiny" and plain else original(args)
+        placed = (args.device_map, args.n_devices, args.max_memory) != (None, None, None)
+        return model if args.model == "tiny" and plain and not placed else original(args)
 
     return load
 
@@ -736,7 +737,107 @@ def test_e41_no_trial_passes(cli, tmp_path):
     assert meta["status"] == "failed" and "no trial passed" in meta["failure"]
 
 
-def test_e43_kv_sim_scores_of_another_model(cli, tmp_path):
+# ---- the catalogue: shards and devices ---------------------------------------------------------
+
+
+def shard(cli, out: Path, which: str, *extra) -> None:
+    assert cli("detect", "--model", "tiny", *GRID, *extra, "--shard", which, "--out", out).code == 0
+
+
+def test_e42_mismatched_shard_sets_at_merge(cli, tmp_path):
+    out = tmp_path / "run"
+    for which in ("0/2", "1/2", "0/3"):
+        shard(cli, out, which)
+    before = snapshot(out)
+    run = cli("merge", out)
+    assert_error(run, 2, r"mismatched shard sets in .*/run/shards \(0-of-2, 0-of-3, 1-of-2\)")
+    assert snapshot(out) == before
+    other = tmp_path / "other"
+    shard(cli, other, "0/2")
+    shard(cli, other, "1/2", "--seed", "1")
+    before = snapshot(other)
+    run = cli("merge", other)
+    assert_error(run, 2, r"shards in .* are not from one run: seed 0 in 0-of-2, 1 in 1-of-2")
+    assert snapshot(other) == before
+
+
+def test_e43_shard_missing_or_unfinished_at_merge(cli, tmp_path, monkeypatch):
+    from retrieval_heads import scoring
+
+    out = tmp_path / "run"
+    run = cli("merge", out)
+    assert_error(run, 2, r"no shards in .*/run/shards: write them first \(with --shard I/N")
+    assert not out.exists()
+    shard(cli, out, "0/2")
+    before = snapshot(out)
+    run = cli("merge", out)
+    assert_error(run, 2, r"shard 1/2 is missing \(no .*1-of-2 with a meta.json\): rerun the "
+                         r"command that wrote the other shards with --shard 1/2, then merge again")  # fmt: skip
+    assert snapshot(out) == before
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # Ctrl-C on the shard's first trial
+        patch.setattr(scoring, "score_trial", interrupted)
+        assert cli("detect", "--model", "tiny", *GRID, "--shard", "1/2", "--out", out).code == 130
+    before = snapshot(out)
+    run = cli("merge", out)
+    assert_error(run, 2, r"shard 1/2 is unfinished \(0 of 1 trials in .*1-of-2, status 'running'; "
+                         r"it may still be running\): .*--shard 1/2 to complete it")  # fmt: skip
+    assert snapshot(out) == before
+    shard(cli, out, "1/2")  # finishing it makes the merge work
+    assert cli("merge", out).code == 0
+
+
+def test_e44_malformed_shard_or_shard_under_torchrun(cli, tmp_path, capsys, monkeypatch):
+    for value, pattern in (
+        ("1-2", r"argument --shard: malformed shard '1-2': write I/N, shard I \(counting from 0\)"),
+        ("2/2", r"argument --shard: shard 2/2 does not exist: the shards of 2 are 0/2 to 1/2"),
+        ("0/0", r"argument --shard: a sweep splits into at least 1 shard, got 0"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            cli("detect", "--model", "tiny", *GRID, "--shard", value, "--out", tmp_path / "r")
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(pattern, err), err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    run = cli("detect", "--model", "tiny", *GRID, "--shard", "0/2", "--out", tmp_path / "r")
+    assert_error(run, 2, r"--shard and torchrun both split the sweep: .* drop --shard")
+    assert not (tmp_path / "r").exists()
+
+
+def test_e45_bad_device_map_or_memory_budget(cli, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "r"
+    for option, value, pattern in (
+        ("--device-map", "everywhere", r"expected auto, .* a JSON file; got 'everywhere'"),
+        ("--device-map", "{model: cpu}", r"'\{model: cpu\}' is not valid JSON"),
+        ("--device-map", "[1]", r"got '\[1\]'"),
+        ("--max-memory", "0:70GiB", r"expected DEVICE=SIZE pairs like 0=70GiB,1=70GiB"),
+        ("--n-devices", "two", r"invalid int value: 'two'"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            cli("detect", "--model", "tiny", *GRID, option, value, "--out", out)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(pattern, err), err
+    for argv, pattern in (
+        (["--device-map", '{"model.layers.0": 1.5}'], r"entry 'model.layers.0': 1.5 should map"),
+        (["--max-memory", "0=1GiB"], r"max_memory caps devices of a split model: pass device_map"),
+        (["--device", "cpu", "--device-map", "auto"], r"pass device, or device_map / n_devices"),
+        (["--n-devices", "0"], r"n_devices must be a positive integer, got 0"),
+    ):
+        assert_error(cli("detect", "--model", "tiny", *GRID, *argv, "--out", out), 2, pattern)
+    if torch.cuda.device_count() < 64:
+        run = cli("detect", "--model", "tiny", *GRID, "--n-devices", "64", "--out", out)
+        assert_error(run, 2, r"n_devices=64 asked for, but this machine has \d+ CUDA device")
+    assert not out.exists()
+
+
+def test_e46_kv_sim_scores_of_another_model(cli, tmp_path):
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps({"0-0": [0.5], "0-1": [0.1], "1-0": [0.0], "1-1": [0.2]}))
     before = snapshot(tmp_path)
@@ -754,7 +855,7 @@ def test_e43_kv_sim_scores_of_another_model(cli, tmp_path):
         (["--random", "-1"], r"draws must be >= 0, got -1"),
     ],
 )
-def test_e44_kv_sim_bad_window_sink_or_k(cli, tmp_path, finished, option, pattern):
+def test_e47_kv_sim_bad_window_sink_or_k(cli, tmp_path, finished, option, pattern):
     before = snapshot(tmp_path, finished)
     out = tmp_path / "kv"
     run = cli("kv-sim", "--model", "tiny", *ONE, "--scores", finished, "--out", out, *option)
