@@ -319,10 +319,9 @@ def cmd_detect(args) -> int:
     return 0
 
 
-def cmd_ablate(args) -> int:
-    from retrieval_heads import analysis, causal
+def model_and_scores(args):
+    """The model and the ``--scores`` detected on it (read first: a bad file fails fast)."""
     from retrieval_heads.results import load_results
-    from retrieval_heads.scoring import DecodeConfig
 
     _, scores, _ = load_results(args.scores)
     model = load(args)
@@ -331,6 +330,14 @@ def cmd_ablate(args) -> int:
             f"{args.scores} holds scores for {scores.n_layers} x {scores.n_heads} heads but "
             f"{model.name} has {model.n_layers} x {model.n_heads}: detect on this model first"
         )
+    return model, scores
+
+
+def cmd_ablate(args) -> int:
+    from retrieval_heads import analysis, causal
+    from retrieval_heads.scoring import DecodeConfig
+
+    model, scores = model_and_scores(args)
     trials = trials_for(model, args)
     records = causal.k_sweep(
         model,
@@ -423,16 +430,9 @@ def cmd_patch(args) -> int:
 
 def cmd_kv_sim(args) -> int:
     from retrieval_heads import kvcache
-    from retrieval_heads.results import load_results
     from retrieval_heads.scoring import DecodeConfig
 
-    _, scores, _ = load_results(args.scores)
-    model = load(args)
-    if (scores.n_layers, scores.n_heads) != (model.n_layers, model.n_heads):
-        raise ValueError(
-            f"{args.scores} holds scores for {scores.n_layers} x {scores.n_heads} heads but "
-            f"{model.name} has {model.n_layers} x {model.n_heads}: detect on this model first"
-        )
+    model, scores = model_and_scores(args)
     trials = trials_for(model, args)
     sweep = kvcache.simulate(
         model,

@@ -31,29 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import subprocess_env
+from support import ABLATE, DETECT, N_ABLATE, N_DETECT, records, subprocess_env
 
 from retrieval_heads import cli as cli_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# 12 trials (2 lengths x 3 depths x 2 needles) of at most 250 tokens; each rank owns 6
-DETECT = [
-    "detect",
-    "--model",
-    "tiny",
-    "--lengths",
-    "150,250",
-    "--n-depths",
-    "3",
-    "--n-needles",
-    "2",
-]
-N_DETECT = 12
-# 4 trials x 4 conditions (K=0; top, random and layer-matched K=2) = 16 records
-ABLATE = ["ablate", "--model", "tiny", "--lengths", "150", "--n-depths", "2", "--n-needles", "2",
-          "--top-k", "0,2", "--random", "1"]  # fmt: skip
-N_ABLATE = 16
 TIMEOUT = 300
 
 
@@ -78,14 +61,6 @@ def reference(tmp_path_factory, tiny_model) -> dict[str, Path]:
     in_process([*DETECT, "--out", root / "detect"], tiny_model)
     in_process([*ABLATE, "--scores", root / "detect", "--out", root / "ablate"], tiny_model)
     return {"detect": root / "detect", "ablate": root / "ablate"}
-
-
-def records(out: Path) -> list[dict]:
-    """``trials.jsonl`` without the timings."""
-    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
-    for row in rows:
-        row.pop("elapsed_s")
-    return rows
 
 
 def assert_same_results(reference: Path, out: Path, n: int) -> None:

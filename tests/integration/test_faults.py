@@ -27,29 +27,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support import subprocess_env
+from support import ABLATE, DETECT, N_ABLATE, N_DETECT, records, subprocess_env
 
 from retrieval_heads import cli as cli_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# 12 trials (2 lengths x 3 depths x 2 needles) of at most 250 tokens
-DETECT = [
-    "detect",
-    "--model",
-    "tiny",
-    "--lengths",
-    "150,250",
-    "--n-depths",
-    "3",
-    "--n-needles",
-    "2",
-]
-N_DETECT = 12
-# 4 trials x 4 conditions (K=0; top, random and layer-matched K=2) = 16 records
-ABLATE = ["ablate", "--model", "tiny", "--lengths", "150", "--n-depths", "2", "--n-needles", "2",
-          "--top-k", "0,2", "--random", "1"]  # fmt: skip
-N_ABLATE = 16
 TIMEOUT = 300
 
 
@@ -154,14 +137,6 @@ def assert_consistent(out: Path) -> None:
     if (out / "trials.jsonl").exists():
         for line in (out / "trials.jsonl").read_text().splitlines():
             json.loads(line)
-
-
-def records(out: Path) -> list[dict]:
-    """``trials.jsonl`` without the timings."""
-    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
-    for row in rows:
-        row.pop("elapsed_s")
-    return rows
 
 
 def assert_same_results(reference: Path, out: Path, n: int) -> None:

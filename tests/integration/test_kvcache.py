@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from support import subprocess_env
 
 from retrieval_heads import kvcache
 from retrieval_heads.haystack import tiny_grid
@@ -16,7 +17,6 @@ from retrieval_heads.interventions import window_hooks, window_mask
 from retrieval_heads.kvcache import KVPolicy
 from retrieval_heads.results import load_results
 from retrieval_heads.scoring import DecodeConfig, detect, score_trial
-from tests.support import subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
