@@ -73,7 +73,14 @@ from retrieval_heads.heads import Head, parse_heads
 from retrieval_heads.interventions import MODES, PHASES, Ablation, ZRecorder, mean_head_z
 from retrieval_heads.model import HookedModel
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
-from retrieval_heads.scoring import SCORERS, DecodeConfig, HooksFor, check_lengths, score_trial
+from retrieval_heads.scoring import (
+    SCORERS,
+    DecodeConfig,
+    HooksFor,
+    check_lengths,
+    greedy_decode,
+    score_trial,
+)
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 
 __all__ = [
@@ -524,31 +531,23 @@ def answer_trial(
 
     For trials whose answer is not copied from a needle (memorised facts: ``needles=()``),
     where a retrieval score means nothing; the record's score tables are zeros and it has no
-    copy events. Decoding is :func:`~retrieval_heads.scoring.score_trial`'s (the last prompt
-    token is fed as the first decode step; stop at EOS or a stop string), so ablation hooks act
-    on exactly the same steps. Grading depends on ``params["task"]`` (see the module docstring).
+    copy events. Decoding is :func:`~retrieval_heads.scoring.greedy_decode`, as in
+    ``score_trial`` (the last prompt token is fed as the first decode step; stop at EOS or a
+    stop string), so ablation hooks act on exactly the same steps. Grading depends on ``params["task"]`` (see the module docstring).
     """
     config = config or DecodeConfig()
     began = time.perf_counter()
     ids = torch.tensor(trial.input_ids, dtype=torch.long, device=model.device)
     prefill_hooks, decode_hooks = hooks(trial) if hooks else ([], [])
-    state = model.prefill(ids[None, :-1], fwd_hooks=prefill_hooks)
-    token = ids[-1:]
-    generated: list[int] = []
-    stopped_by = "max_new_tokens"
-    tokenizer = model.tokenizer
-    for _ in range(_budget(trial, model, config)):
-        logits = model.step(state, token, fwd_hooks=decode_hooks)
-        next_token = int(logits[0].argmax())
-        if (config.stop_at_eos and next_token == tokenizer.eos_token_id) or (
-            config.stop_strings
-            and any(s in tokenizer.decode([next_token]) for s in config.stop_strings)
-        ):
-            stopped_by = "stop"
-            break
-        generated.append(next_token)
-        token = torch.tensor([next_token], device=model.device)
-    text = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    generated, stopped_by = greedy_decode(
+        model,
+        ids,
+        _budget(trial, model, config),
+        config,
+        prefill_hooks=prefill_hooks,
+        decode_hooks=decode_hooks,
+    )
+    text = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
     passed, recall = _grade(trial, text, config)
     zeros = [[0.0] * model.n_heads for _ in range(model.n_layers)]
     params = dict(trial.params)

@@ -141,6 +141,39 @@ def _is_stop(token: int, model: HookedModel, config: DecodeConfig) -> bool:
 
 
 @torch.no_grad()
+def greedy_decode(
+    model: HookedModel,
+    ids: Int[Tensor, " pos"],
+    budget: int,
+    config: DecodeConfig,
+    *,
+    prefill_hooks: HookPairs | Sequence = (),
+    decode_hooks: HookPairs | Sequence = (),
+    before_step: Callable[[], None] | None = None,
+) -> tuple[list[int], str]:
+    """Greedily answer the prompt ``ids``: ``(generated token ids, "stop" or "max_new_tokens")``.
+
+    The last prompt token is fed as the first decode step, so the attention that produces the
+    first answer token runs through ``decode_hooks`` too (as in the reference code). Stops at
+    EOS or a stop string (that token is not returned) or after ``budget`` tokens;
+    ``before_step`` runs before every step, the stopping one included.
+    """
+    state = model.prefill(ids[None, :-1], fwd_hooks=list(prefill_hooks))
+    token = ids[-1:]
+    generated: list[int] = []
+    for _ in range(budget):
+        if before_step is not None:
+            before_step()
+        logits = model.step(state, token, fwd_hooks=list(decode_hooks))
+        next_token = int(logits[0].argmax())
+        if _is_stop(next_token, model, config):
+            return generated, "stop"
+        generated.append(next_token)
+        token = torch.tensor([next_token], device=model.device)
+    return generated, "max_new_tokens"
+
+
+@torch.no_grad()
 def score_trial(
     model: HookedModel,
     trial: Trial,
@@ -156,23 +189,18 @@ def score_trial(
     pattern_hooks = [
         (model.hook_name(layer, "pattern"), stats.hook(layer)) for layer in range(model.n_layers)
     ]
-    # The last prompt token is fed as the first decode step, so the attention that produces the
-    # first answer token is scored too (as in the reference code).
-    state = model.prefill(ids[None, :-1], fwd_hooks=prefill_hooks)
-    token = ids[-1:]
-    generated: list[int] = []
-    stopped_by = "max_new_tokens"
-    for _ in range(config.budget(trial, model)):
-        stats.new_step(model.device)
-        logits = model.step(state, token, fwd_hooks=[*pattern_hooks, *decode_hooks])
-        next_token = int(logits[0].argmax())
-        if _is_stop(next_token, model, config):
-            for table in (stats.argmax, stats.topk_mass, stats.span_mass):
-                table.pop()  # the stop token is not part of the answer
-            stopped_by = "stop"
-            break
-        generated.append(next_token)
-        token = torch.tensor([next_token], device=model.device)
+    generated, stopped_by = greedy_decode(
+        model,
+        ids,
+        config.budget(trial, model),
+        config,
+        prefill_hooks=prefill_hooks,
+        decode_hooks=[*pattern_hooks, *decode_hooks],
+        before_step=lambda: stats.new_step(model.device),
+    )
+    if stopped_by == "stop":
+        for table in (stats.argmax, stats.topk_mass, stats.span_mass):
+            table.pop()  # the stop token is not part of the answer
 
     scores, events_list = _scores(stats, generated, ids, trial.answer_span, config)
     text = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
