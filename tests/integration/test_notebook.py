@@ -37,3 +37,5 @@ def test_explore_notebook_executes(tmp_path):
     top = float(text.split("top-6 masked: ")[1].split("%")[0])
     random = float(text.split("6 random masked: ")[1].split("%")[0])
     assert top < random, text
+    share = float(text.split("of the cache")[0].rsplit("with ", 1)[1].strip().rstrip("%"))
+    assert "KV share" in text and share < 30, text
