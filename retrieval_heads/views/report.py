@@ -561,22 +561,43 @@ def _niah_panels(records: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]
     return panels
 
 
-def _k_sweep_table(rows: Sequence[analysis.KSweepRow]) -> str:
-    head = (
-        "<tr><th>K</th><th>selection</th><th>draws</th><th>trials</th><th>accuracy</th>"
-        "<th>ROUGE recall</th></tr>"
-    )
+def _summary_table(
+    css: str, caption: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], text: int = 1
+) -> str:
+    """A captioned table of summary rows, every cell escaped: column ``text`` holds words
+    (left-aligned), every other column numbers (``class="num"``)."""
+    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>"
     body = "".join(
         "<tr>"
-        f'<td class="num">{r.k}</td><td>{esc(r.selection)}</td><td class="num">{r.n_draws}</td>'
-        f'<td class="num">{r.n_trials}</td>'
-        f'<td class="num">{r.accuracy:.3f} ± {r.accuracy_std:.3f}</td>'
-        f'<td class="num">{r.recall:.3f} ± {r.recall_std:.3f}</td></tr>'
-        for r in rows
+        + "".join(
+            f"<td>{esc(str(c))}</td>" if i == text else f'<td class="num">{esc(str(c))}</td>'
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
     )
     return (
-        '<table class="k-sweep"><caption>K-sweep: mean ± std over draws</caption>'
+        f'<table class="{css}"><caption>{esc(caption)}</caption>'
         f"<thead>{head}</thead><tbody>{body}</tbody></table>"
+    )
+
+
+def _k_sweep_table(rows: Sequence[analysis.KSweepRow]) -> str:
+    return _summary_table(
+        "k-sweep",
+        "K-sweep: mean ± std over draws",
+        ["K", "selection", "draws", "trials", "accuracy", "ROUGE recall"],
+        [
+            [
+                r.k,
+                r.selection,
+                r.n_draws,
+                r.n_trials,
+                f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}",
+                f"{r.recall:.3f} ± {r.recall_std:.3f}",
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -630,21 +651,23 @@ def _kv_section(page: _Page, rs: ResultSet) -> str:
 
 
 def _kv_table(points: Sequence[analysis.KVPoint]) -> str:
-    head = (
-        "<tr><th>selection</th><th>full KV heads</th><th>sink + window</th><th>KV share</th>"
-        "<th>draws</th><th>trials</th><th>accuracy</th></tr>"
-    )
-    body = "".join(
-        f'<tr><td>{esc(p.selection)}</td><td class="num">{p.k}</td>'
-        f'<td class="num">{"-" if p.window is None else f"{p.sink} + {p.window}"}</td>'
-        f'<td class="num">{p.kv_share:.3f}</td><td class="num">{p.n_draws}</td>'
-        f'<td class="num">{p.n_trials}</td>'
-        f'<td class="num">{p.accuracy:.3f} ± {p.accuracy_std:.3f}</td></tr>'
-        for p in points
-    )
-    return (
-        '<table class="kv-curve"><caption>KV-cache what-if: mean ± std over draws</caption>'
-        f"<thead>{head}</thead><tbody>{body}</tbody></table>"
+    return _summary_table(
+        "kv-curve",
+        "KV-cache what-if: mean ± std over draws",
+        ["selection", "full KV heads", "sink + window", "KV share", "draws", "trials", "accuracy"],
+        [
+            [
+                p.selection,
+                p.k,
+                "-" if p.window is None else f"{p.sink} + {p.window}",
+                f"{p.kv_share:.3f}",
+                p.n_draws,
+                p.n_trials,
+                f"{p.accuracy:.3f} ± {p.accuracy_std:.3f}",
+            ]
+            for p in points
+        ],
+        text=0,
     )
 
 
