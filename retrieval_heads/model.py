@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from retrieval_heads import registry
+from retrieval_heads import gguf, registry
 from retrieval_heads.heads import Head
 from retrieval_heads.registry import ModelLoadError
 
@@ -296,6 +296,31 @@ class HookedModel:
     def check_head(self, label: str | Head | tuple[int, int]) -> Head:
         """Parse a head label and check that the head exists in this model."""
         return Head.parse(label).check(self.n_layers, self.n_heads)
+
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding attention window in tokens, ``None`` for full (global) attention.
+
+        From the config's ``layer_types`` (Gemma 2/3, Qwen, ...): a sliding layer's query sees
+        only the last ``sliding_window`` keys, so a retrieval head further from its needle than
+        that must sit in a global layer."""
+        cfg = self.hf_model.config
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None)
+        if not window or not types or len(types) != self.n_layers:
+            return [None] * self.n_layers
+        return [int(window) if t == "sliding_attention" else None for t in types]
+
+    def describe(self) -> dict[str, Any]:
+        """The model's shape, recorded in results (``meta["model_info"]``) for the views."""
+        return {
+            "architecture": self.bridge.cfg.architecture or type(self.hf_model).__name__,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_head": self.d_head,
+            "n_ctx": self.model_n_ctx,
+            "layer_windows": self.layer_windows(),
+        }
 
     # ---- tokens -------------------------------------------------------------------------
 
@@ -953,7 +978,11 @@ def load_model(
 
     ``name_or_path`` is one of:
 
-    * a registry name (``"tiny"``, ``"tiny-short"``; see ``retrieval_heads.registry``);
+    * a registry name (``"tiny"``, ``"tiny-short"``, and the real ``"smollm2-135m-instruct"``
+      and ``"gemma-3-270m"`` once ``make real-models`` installed them; see
+      ``retrieval_heads.registry``);
+    * a ``.gguf`` file, converted once into a cached HF-format folder
+      (:func:`retrieval_heads.gguf.convert`, keyed by the file's SHA-256);
     * a local Hugging Face-format directory (with ``config.json``, weights and a tokenizer),
       loaded without any network access;
     * a hub id (``"org/model"``), loaded through ``TransformerBridge.boot_transformers``
@@ -998,6 +1027,8 @@ def load_model(
     if isinstance(source, str) and registry.lookup(source) is not None:
         world = registry.lookup(source).world
         source = registry.resolve(source)
+    elif gguf.is_gguf(source):
+        source = gguf.convert(source)  # cached after the first call
 
     boot_kwargs: dict[str, Any] = {
         "device": device,

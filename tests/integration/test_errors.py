@@ -183,7 +183,11 @@ def edit_json(path: Path, **changes) -> None:
 def test_e01_unknown_model_name(cli, tmp_path):
     out = tmp_path / "run"
     run = cli("detect", "--model", "no-such-model", "--out", out)
-    assert_error(run, 2, r"'no-such-model'.*registered names: tiny, tiny-short")
+    assert_error(
+        run,
+        2,
+        r"'no-such-model'.*registered names: gemma-3-270m, smollm2-135m-instruct, tiny, tiny-short",
+    )
     assert not out.exists()
 
 
@@ -863,6 +867,58 @@ def test_e47_kv_sim_bad_window_sink_or_k(cli, tmp_path, finished, option, patter
     assert snapshot(tmp_path, finished) == before and not out.exists()
 
 
+# ---- the catalogue: GGUF files and the real models ------------------------------------------
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RETRIEVAL_HEADS_CACHE", str(cache))
+    return cache
+
+
+def test_e48_gguf_file_foreign_or_truncated(cli, tmp_path, gguf_cache):
+    foreign = tmp_path / "model.gguf"
+    foreign.write_bytes(b"PK\x03\x04 not a gguf file at all")
+    run = cli("detect", "--model", foreign, "--out", tmp_path / "r")
+    assert_error(run, 2, r"model.gguf is not a GGUF file \(it does not start with the GGUF magic")
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(7))  # a header cut short
+    run = cli("detect", "--model", truncated, "--out", tmp_path / "r")
+    assert_error(run, 2, r"cut.gguf is truncated or corrupt \(.*\): download it again")
+    assert not (tmp_path / "r").exists()
+    # nothing half-written is left where a later call would look
+    left = list((gguf_cache / "gguf").iterdir()) if (gguf_cache / "gguf").exists() else []
+    assert left == []
+
+
+def test_e49_gguf_package_missing(cli, tmp_path, gguf_cache, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(64))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what an environment without it imports
+    run = cli("detect", "--model", path, "--out", tmp_path / "r")
+    assert_error(run, 2, r"reading a .gguf file needs the gguf package: pip install gguf")
+    assert not gguf_cache.exists() or not any(gguf_cache.rglob("*"))
+
+
+def test_e50_real_model_not_installed(cli, tmp_path, monkeypatch):
+    entry = registry.MODELS["smollm2-135m-instruct"]
+    gone = registry.PackagedGguf("no-such-dist-for-tests", entry.gguf.file, entry.gguf.install)
+    monkeypatch.setitem(
+        registry.MODELS, "smollm2-135m-instruct", registry.RegistryEntry("x", gguf=gone, chat=True)
+    )
+    run = cli("detect", "--model", "smollm2-135m-instruct", "--out", tmp_path / "r")
+    assert_error(run, 2, r"'smollm2-135m-instruct' is not installed .*`make real-models`")
+    assert not (tmp_path / "r").exists()
+    assert registry.state("smollm2-135m-instruct").startswith("not installed")
+
+
+def test_e51_chat_on_the_embedded_model(cli, tmp_path):
+    run = cli("detect", "--model", "tiny", *GRID, "--chat", "--out", tmp_path / "r")
+    assert_error(run, 2, r"tiny speaks its own synthetic language and has no chat template")
+    assert not (tmp_path / "r").exists()
+
+
 def test_catalogue_rows_have_tests():
     """docs/errors.md and this module agree: every row names a test here (planned rows aside)."""
     rows = [line for line in DOC.read_text().splitlines() if re.match(r"\| E\d\d ", line)]
@@ -908,7 +964,12 @@ class TestRealProcess:
     @pytest.mark.slow  # the in-process row covers the message; this one only the exit code
     def test_e01_unknown_model(self, tmp_path):
         proc = cli_process("detect", "--model", "no-such-model", "--out", "r", cwd=tmp_path)
-        self.check(proc, 2, "detect", r"'no-such-model'.*registered names: tiny, tiny-short")
+        self.check(
+            proc,
+            2,
+            "detect",
+            r"'no-such-model'.*registered names: gemma-3-270m, smollm2-135m-instruct, tiny, tiny-short",
+        )
 
     def test_e06_corrupt_weights(self, tmp_path):
         path = model_dir(tmp_path, "config.json", *TOKENIZER_FILES)
