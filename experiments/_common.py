@@ -101,29 +101,18 @@ def grid_for(
     n_distractors: int,
     seed: int,
 ) -> list:
-    """The NIAH grid for ``model``: the embedded world's for the tiny models, else the built-in
-    filler and needles (the paper's prompt)."""
-    from retrieval_heads import haystack as hs
+    """The NIAH grid for ``model`` (:func:`retrieval_heads.trials.make_trials`): the embedded
+    world's for the tiny models, else the built-in filler and needles, in the chat template for
+    instruct models."""
+    from retrieval_heads.trials import make_trials
 
-    lengths = list(lengths) if lengths else default_lengths(model.n_ctx)
-    if getattr(model, "world", None) == "tiny":
-        return hs.tiny_grid(
-            model.tokenizer,
-            lengths=lengths,
-            depths=depths,
-            n_needles=n_needles,
-            n_distractors=n_distractors,
-            seed=seed,
-        )
-    return hs.make_grid(
-        model.tokenizer,
-        hs.Haystack.filler(),
-        hs.default_needles()[:n_needles],
-        lengths=lengths,
+    return make_trials(
+        model,
+        lengths=list(lengths) if lengths else default_lengths(model.n_ctx),
         depths=depths,
+        n_needles=n_needles,
         n_distractors=n_distractors,
         seed=seed,
-        n_ctx=model.n_ctx,
     )
 
 

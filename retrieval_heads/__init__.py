@@ -23,6 +23,7 @@ _LAZY: dict[str, str] = {
     "ContextLengthError": "retrieval_heads.model",
     "supported_architectures": "retrieval_heads.model",
     "ModelLoadError": "retrieval_heads.registry",
+    "make_trials": "retrieval_heads.trials",
     "detect": "retrieval_heads.scoring",
     "ablate": "retrieval_heads.interventions",
 }
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.model import load_model as load_model
     from retrieval_heads.model import supported_architectures as supported_architectures
     from retrieval_heads.registry import ModelLoadError as ModelLoadError
+    from retrieval_heads.trials import make_trials as make_trials
 
 
 def __getattr__(name: str) -> Any:

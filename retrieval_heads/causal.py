@@ -74,6 +74,7 @@ from retrieval_heads.interventions import MODES, PHASES, Ablation, ZRecorder, me
 from retrieval_heads.model import HookedModel
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
 from retrieval_heads.scoring import (
+    ANSWER_ROOM,
     SCORERS,
     DecodeConfig,
     HooksFor,
@@ -415,7 +416,8 @@ def _budget(trial: Trial, model: HookedModel, config: DecodeConfig) -> int:
         return config.budget(trial, model)
     wanted = config.max_new_tokens
     if wanted is None:
-        wanted = len(model.tokenizer(trial.answer, add_special_tokens=False)["input_ids"]) + 8
+        n_answer = len(model.tokenizer(trial.answer, add_special_tokens=False)["input_ids"])
+        wanted = max(ANSWER_ROOM, n_answer + 8)  # the rule of DecodeConfig.budget
     return max(1, min(wanted, model.n_ctx - trial.context_length + 1))
 
 
@@ -564,7 +566,7 @@ def answer_trial(
         generated_text=text,
         passed=passed,
         recall=recall,
-        reason=None if passed else classify_failure(text, trial.answer),
+        reason=None if passed else classify_failure(text, trial.answer, stopped_by=stopped_by),
         scores={name: zeros for name in SCORERS},
         copy_events=[],
         n_layers=model.n_layers,
@@ -619,6 +621,7 @@ def _run_trial(
             distractor_answers=distractors,
             context=_context_text(model, trial),
             threshold=config.pass_threshold,
+            stopped_by=record.params.get("stopped_by"),
         )
     )
     if not record.passed and answer_class == "correct":
@@ -1046,7 +1049,11 @@ def answer_classes(
         if len(tasks) > 1:
             label = f"{p.get('task', 'niah')}: {label}"
         cls = p.get("answer_class") or (
-            "correct" if r.passed else classify_failure(r.generated_text, r.expected)
+            "correct"
+            if r.passed
+            else classify_failure(
+                r.generated_text, r.expected, stopped_by=r.params.get("stopped_by")
+            )
         )
         if label not in counts:
             counts[label] = dict.fromkeys(FAILURE_KINDS, 0)

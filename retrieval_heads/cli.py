@@ -20,6 +20,18 @@ from pathlib import Path
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
+class _Listed(argparse.Action):
+    """A list option that takes commas, spaces or both: ``--lengths 1000,2000`` or
+    ``--lengths 1000 2000`` (each piece is parsed by the option's ``type``, then flattened)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("nargs", "+")
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [x for piece in values for x in piece])
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -116,17 +128,27 @@ SHARD_HELP = "run share I of N of the sweep (from 0) into OUT/shards/; then: mer
 
 
 def _add_trial_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", type=_ints, default=None, help="e.g. 1000,2000,4000")
+    p.add_argument(
+        "--lengths", type=_ints, action=_Listed, default=None, help="e.g. 1000,2000,4000"
+    )
     p.add_argument("--min-length", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--n-lengths", type=int, default=5)
-    p.add_argument("--depths", type=_floats, default=None, help="percent, e.g. 0,50,100")
+    p.add_argument(
+        "--depths", type=_floats, action=_Listed, default=None, help="percent, e.g. 0,50,100"
+    )
     p.add_argument("--n-depths", type=int, default=5)
     p.add_argument("--needles", type=Path, default=None, help="JSONL: id, needle, question, answer")
     p.add_argument("--n-needles", type=int, default=4, help="built-in needles to use")
     p.add_argument("--n-distractors", type=int, default=2)
     p.add_argument("--haystack", type=Path, default=None, help="a .txt file or a folder of them")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the prompt in the tokenizer's chat template (default: on for instruct models "
+        "of the registry, off otherwise)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=None)
 
@@ -149,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_trial_args(p)
     p.add_argument("--scores", type=Path, required=True, help="a detect results directory")
-    p.add_argument("--top-k", type=_ints, default=[0, 1, 2, 5, 10, 20, 50], help="K values")
+    p.add_argument(
+        "--top-k", type=_ints, action=_Listed, default=[0, 1, 2, 5, 10, 20, 50], help="K values"
+    )
     p.add_argument("--random", type=int, default=5, help="random draws per K")
     p.add_argument("--mode", default="uniform", help="uniform, zero, mean, resample, knockout")
     p.add_argument("--phase", default="decode", choices=["decode", "all"])
@@ -174,11 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, default=4, help="first tokens every head keeps")
     p.add_argument("--window", type=int, default=64, help="recent tokens every head keeps")
     p.add_argument(
-        "--top-k", type=_ints, default=None, help="full KV heads, e.g. 0,1,2,4 (default: 0,1,2,4..)"
+        "--top-k",
+        type=_ints,
+        action=_Listed,
+        default=None,
+        help="full KV heads, e.g. 0,1,2,4 (default: 0,1,2,4..)",
     )
     p.add_argument("--random", type=int, default=3, help="random draws per K")
     p.add_argument(
-        "--uniform-windows", type=_ints, default=None, help="windows for all-heads windowing"
+        "--uniform-windows",
+        type=_ints,
+        action=_Listed,
+        default=None,
+        help="windows for all-heads windowing",
     )
     p.add_argument("--phase", default="decode", choices=["decode", "all"])
     p.add_argument("--reduce", default="max", choices=["max", "mean"], help="query -> KV head")
@@ -237,36 +269,24 @@ def load(args):
 def trials_for(model, args):
     """The NIAH grid for this model: its own world's prompts for the embedded model."""
     from retrieval_heads import haystack as hs
+    from retrieval_heads.trials import make_trials, uses_chat
 
     room = 32  # tokens left for the answer
     high = args.max_length or min(model.n_ctx, 32768) - room
     low = args.min_length or max(64, high // 8)
     lengths = args.lengths or hs.linspace_lengths(low, high, args.n_lengths)
     depths = args.depths if args.depths is not None else hs.linspace_depths(args.n_depths)
-    tiny = model.world == "tiny" and args.needles is None and args.haystack is None
-    if tiny:
-        return hs.tiny_grid(
-            model.tokenizer,
-            lengths=lengths,
-            depths=depths,
-            n_needles=args.n_needles,
-            n_distractors=args.n_distractors,
-            seed=args.seed,
-        )
-    haystack = hs.Haystack.from_path(args.haystack) if args.haystack else hs.Haystack.filler()
-    needles = hs.load_needles(args.needles) if args.needles else hs.default_needles()
-    if not needles:
-        raise hs.TrialError(f"needles file {args.needles} holds no needles")
-    return hs.make_grid(
-        model.tokenizer,
-        haystack,
-        needles[: args.n_needles] if not args.needles else needles,
+    args.chat = uses_chat(model, args.chat)  # resolved here: the run's config records it
+    return make_trials(
+        model,
         lengths=lengths,
         depths=depths,
+        n_needles=args.n_needles,
         n_distractors=args.n_distractors,
         seed=args.seed,
-        template=hs.PromptTemplate(chat=True) if args.chat else None,
-        n_ctx=model.n_ctx,
+        needles=args.needles,
+        haystack=args.haystack,
+        chat=args.chat,
     )
 
 
@@ -516,10 +536,13 @@ def cmd_models(args) -> int:
     from retrieval_heads import registry
 
     for name in registry.names():
-        print(f"{name:12} {registry.lookup(name).description}")
+        entry = registry.lookup(name)
+        print(f"{name:22} {registry.state(name)}")
+        print(f"{'':22} {entry.description}")
     from retrieval_heads.model import supported_architectures
 
-    print("\nTransformerLens supports these architectures:")
+    print("\nAlso: an HF-format folder, a .gguf file (converted once, cached), or a hub id.")
+    print("TransformerLens supports these architectures:")
     print(", ".join(supported_architectures()))
     return 0
 

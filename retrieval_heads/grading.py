@@ -31,7 +31,17 @@ __all__ = [
 DEFAULT_THRESHOLD = 0.5
 METRICS = ("recall", "substring", "exact")
 #: What :func:`classify_failure` can return.
-FAILURE_KINDS = ("correct", "empty", "distractor", "partial", "in_context", "not_in_context")
+FAILURE_KINDS = (
+    "correct",
+    "empty",
+    "distractor",
+    "cut_off",
+    "partial",
+    "in_context",
+    "not_in_context",
+)
+#: How a decode loop says the answer ran into its token budget.
+BUDGET_STOP = "max_new_tokens"
 
 
 @dataclass(frozen=True)
@@ -142,12 +152,15 @@ def classify_failure(
     distractor_answers: Sequence[str] = (),
     context: str | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    stopped_by: str | None = None,
 ) -> str:
     """Why an answer failed, for the hallucination analysis; plain strings in, a label out.
 
     In order: ``"correct"`` (it passes after all), ``"empty"`` (empty or degenerate: only
     punctuation, or one word repeated), ``"distractor"`` (it matches a distractor needle's answer
-    better than the target's), ``"partial"`` (some of the answer's words, not enough),
+    better than the target's), ``"cut_off"`` (the decode loop stopped it at its token budget,
+    ``stopped_by="max_new_tokens"``, before it had answered: a budget too small for the model's
+    way of answering, not a retrieval failure), ``"partial"`` (some of the answer's words, not enough),
     ``"in_context"`` (the answer's words are absent but most of its words occur in ``context``:
     copied from the wrong place; needs ``context``), ``"not_in_context"`` (made up).
     """
@@ -160,6 +173,8 @@ def classify_failure(
         other_recall = rouge1_recall(prediction, other)
         if other_recall >= threshold and other_recall > verdict.recall:
             return "distractor"
+    if stopped_by == BUDGET_STOP:
+        return "cut_off"
     if verdict.recall > 0 or verdict.substring > 0:
         return "partial"
     if context is not None:

@@ -1150,6 +1150,7 @@ def make_grid(
     lengths: Sequence[int],
     depths: Sequence[float],
     n_distractors: int = 0,
+    distractor_pool: Sequence[Needle] | None = None,
     seed: int = 0,
     template: PromptTemplate | None = None,
     n_ctx: int | None = None,
@@ -1157,9 +1158,9 @@ def make_grid(
 ) -> list[Trial]:
     """Trials for every length × depth × needle, in that nesting order (needle innermost).
 
-    Items without their own distractors get ``n_distractors`` other needles of the list as
-    distractors (seeded per needle, so the same ones at every length and depth), skipping needles
-    that share the target's question or answer. Repeated lengths, depths or needle ids are an
+    Items without their own distractors get ``n_distractors`` other needles as distractors, from
+    ``distractor_pool`` (default: the needles of the grid), seeded per needle, so the same ones
+    at every length and depth, skipping needles that share the target's question or answer. Repeated lengths, depths or needle ids are an
     error, since they would give repeated trial ids.
     """
     items = [_as_set(n) for n in needles]
@@ -1174,6 +1175,8 @@ def make_grid(
     if len(set(keys)) != len(keys):
         raise TrialError(f"make_grid: repeated needles {keys}")
     pool = [n for s in items for n in s.targets]
+    if distractor_pool is not None:
+        pool = list(distractor_pool) + pool
 
     resolved: list[NeedleSet] = []
     for key, item in zip(keys, items, strict=True):

@@ -41,6 +41,8 @@ from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 
 SCORERS = ("retrieval", "topk", "attention_mass")
+#: Default token budget for an answer: the reference code's (it stops at a newline too).
+ANSWER_ROOM = 50
 HookPairs = list[tuple[str, Callable]]
 HooksFor = Callable[[Trial], tuple[HookPairs, HookPairs]]
 
@@ -53,16 +55,20 @@ class DetectionError(RuntimeError):
 class DecodeConfig:
     """How the answer is generated and graded."""
 
-    max_new_tokens: int | None = None  # None: answer length + 8
+    max_new_tokens: int | None = None  # None: ANSWER_ROOM, or answer length + 8 if longer
     stop_at_eos: bool = True
     stop_strings: tuple[str, ...] = ("\n",)
     pass_threshold: float = 0.5  # ROUGE-1 recall
     count_repeats: bool = False
 
     def budget(self, trial: Trial, model: HookedModel) -> int:
-        """Tokens to generate: as asked (default answer length + 8), within the context window."""
+        """Tokens to generate: as asked, else room for a model that restates the question first
+        (``ANSWER_ROOM``, the reference code's 50, or the answer's length + 8 when that is more);
+        within the context window. Decoding also stops at EOS and at a newline."""
         span = trial.answer_span
-        wanted = self.max_new_tokens if self.max_new_tokens is not None else span[1] - span[0] + 8
+        wanted = self.max_new_tokens
+        if wanted is None:
+            wanted = max(ANSWER_ROOM, span[1] - span[0] + 8)
         return max(1, min(wanted, model.n_ctx - trial.context_length + 1))
 
 
@@ -209,7 +215,9 @@ def score_trial(
     reason = None
     if not verdict.passed:
         distractors = [p.needle.answer for p in trial.distractors]
-        reason = classify_failure(text, trial.answer, distractor_answers=distractors)
+        reason = classify_failure(
+            text, trial.answer, distractor_answers=distractors, stopped_by=stopped_by
+        )
     params = dict(trial.params)
     params.update(
         context_length=trial.context_length,
@@ -304,11 +312,13 @@ def detect(
     run_config.setdefault("decode", config.__dict__ | {"stop_strings": list(config.stop_strings)})
     name = model_name or getattr(model, "name", None) or type(model.hf_model).__name__
     check_lengths(model, trials)  # before a results directory is made for a run that cannot run
+    describe = getattr(model, "describe", None)
+    info = {"model_info": describe()} if describe else {}  # for the views, never compared
     if shard is not None:
         if out is None:
             raise ValueError("a sharded detection needs out=: shards are merged from disk")
         share = [trials[p] for p in shard.positions(len(trials))]
-        extra = shard_meta(shard, len(trials), require_pass=require_pass)
+        extra = shard_meta(shard, len(trials), require_pass=require_pass) | info
         path = shard_dir(out, shard)
         with ResultsDir(
             path, model=name, config=run_config, kind=kind, seed=seed, extra_meta=extra
@@ -322,7 +332,9 @@ def detect(
     if out is None:
         records = list(iter_detect(model, _progress(trials, progress), config, hooks))
     else:
-        with ResultsDir(out, model=name, config=run_config, kind=kind, seed=seed) as run:
+        with ResultsDir(
+            out, model=name, config=run_config, kind=kind, seed=seed, extra_meta=info
+        ) as run:
             for record in iter_detect(
                 model, _progress(trials, progress, run.done_ids()), config, hooks, run.done_ids()
             ):

@@ -93,3 +93,20 @@ def test_grading_never_crashes(prediction, answer):
     assert classify_failure(prediction, answer, distractor_answers=[answer[::-1]]) in FAILURE_KINDS
     if answer.casefold() in prediction.casefold():
         assert g.substring == 1.0
+
+
+def test_an_answer_cut_by_the_budget_is_its_own_failure():
+    """A chat model restating the question, stopped at the token budget, is not a partial
+    retrieval: it is cut off. A finished wrong answer stays partial; a passing one is correct."""
+    restated = "The key to the garden shed is hidden under the"
+    assert classify_failure(restated, ANSWER) == "partial"
+    assert classify_failure(restated, ANSWER, stopped_by="max_new_tokens") == "cut_off"
+    assert classify_failure(restated, ANSWER, stopped_by="stop") == "partial"
+    assert classify_failure(ANSWER, ANSWER, stopped_by="max_new_tokens") == "correct"
+    # a distractor's answer is a distractor, however the decoding ended
+    assert (
+        classify_failure("the red kettle", ANSWER, distractor_answers=["the red kettle"],
+                         stopped_by="max_new_tokens")
+        == "distractor"
+    )  # fmt: skip
+    assert "cut_off" in FAILURE_KINDS

@@ -510,6 +510,28 @@ def test_make_grid_errors(word_tok):
         make_grid(word_tok, hay, [], lengths=[300], depths=[0])
 
 
+def test_make_grid_takes_distractors_from_the_pool(word_tok):
+    """One target and two distractors: refused from the grid's own needles, served by the pool."""
+    hay = Haystack.filler()
+    with pytest.raises(TrialError, match="distractors"):
+        make_grid(word_tok, hay, NEEDLES[:1], lengths=[300], depths=[0], n_distractors=2)
+    grid = make_grid(
+        word_tok,
+        hay,
+        NEEDLES[:1],
+        lengths=[300],
+        depths=[0, 100],
+        n_distractors=2,
+        distractor_pool=NEEDLES,
+    )
+    for trial in grid:
+        chosen = {p.needle.needle_id for p in trial.distractors}
+        assert len(chosen) == 2 and NEEDLES[0].needle_id not in chosen
+        assert chosen <= {n.needle_id for n in NEEDLES[1:]}
+        text = word_tok.decode(list(trial.input_ids))
+        assert all(p.needle.answer in text for p in trial.distractors)
+
+
 def test_make_grid_with_needle_sets(sp_tok):
     sets = key_value_needles(2, seed=3, kind="multikey", n_distractors=2)
     grid = make_grid(sp_tok, Haystack.filler(), sets, lengths=[500], depths=[20, 80])
