@@ -70,6 +70,7 @@ __all__ = [
     "grade_question",
     "load_questions",
     "parse_question",
+    "question_promptings",
     "run",
     "summarize",
     "token_f1",
@@ -513,6 +514,22 @@ DIRECT_STOPS = ("\nQuestion:", "\n\n")
 COT_STOPS = ("\nQuestion:", "\n\n\n")
 
 
+def question_promptings(question: Question, prompting: Sequence[str]) -> list[str]:
+    """The promptings to run ``question`` with: ``prompting``, or those of them the question
+    names in its own ``"prompting"`` field (a string or a list), e.g. ``"cot"`` for a
+    reasoning question and ``"direct"`` for a fact recalled from the weights."""
+    own = question.meta.get("prompting")
+    if own is None:
+        return list(prompting)
+    own = [own] if isinstance(own, str) else list(own)
+    bad = [p for p in own if p not in PROMPTINGS]
+    if bad:
+        raise QuestionError(
+            f"question {question.id!r}: prompting must be among {PROMPTINGS}, got {bad}"
+        )
+    return [p for p in prompting if p in own]
+
+
 def _zeros(model: Any) -> list[list[float]]:
     return [[0.0] * model.n_heads for _ in range(model.n_layers)]
 
@@ -573,12 +590,13 @@ def run(
         table, list(ks), draws=draws, seed=seed, threshold=threshold, include_matched=False
     )
     tokenizer = model.tokenizer
+    ways = {q.id: question_promptings(q, prompting) for q in questions}
     prompts = {
         (q.id, p): encode_prompt(
             tokenizer, build_prompt(q, p == "cot", tokenizer=tokenizer, chat=chat), chat=chat
         )
         for q in questions
-        for p in prompting
+        for p in ways[q.id]
     }
     config = {
         "experiment": "cot",
@@ -646,7 +664,7 @@ def run(
 
     def go(results: Any) -> None:
         done = results.done_ids() if results is not None else frozenset()
-        total = len(conditions) * len(questions) * len(prompting)
+        total = len(conditions) * sum(len(w) for w in ways.values())
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -658,7 +676,7 @@ def run(
                 ablation = ablate(model, list(condition.heads), mode, phase=phase)
                 hooks = (ablation.prefill_hooks(model), ablation.decode_hooks(model))
             for q in questions:
-                for p in prompting:
+                for p in ways[q.id]:
                     if f"{q.id}|{p}|{condition.tag}" in done:
                         continue
                     record = one(q, p, condition, hooks)

@@ -175,6 +175,31 @@ def test_shipped_question_set():
     assert all(q.answer in "ABCD" and len(q.choices) == 4 for q in questions if q.kind == "choice")
 
 
+REAL_SET = Path(__file__).resolve().parents[2] / "experiments" / "questions" / "cot_vs_facts.jsonl"
+
+
+def test_real_model_question_set_pairs_reasoning_with_recall():
+    """40 arithmetic questions answered step by step, 40 facts answered directly from the
+    weights (no context): the paper's chain-of-thought vs parametric comparison."""
+    questions = load_questions(REAL_SET)
+    ways = {q.id: cot.question_promptings(q, cot.PROMPTINGS) for q in questions}
+    numeric = [q for q in questions if q.kind == "numeric"]
+    facts = [q for q in questions if q.kind == "extractive"]
+    assert len(numeric) == 40 and len(facts) == 40 and len(questions) == 80
+    assert all(ways[q.id] == ["cot"] for q in numeric)
+    assert all(ways[q.id] == ["direct"] and q.context is None for q in facts)
+    assert len({q.id for q in questions}) == 80
+
+
+def test_question_promptings_restrict_and_refuse():
+    q = parse_question({**GOOD, "prompting": "cot"})
+    assert cot.question_promptings(q, ["direct", "cot"]) == ["cot"]
+    assert cot.question_promptings(q, ["direct"]) == []
+    assert cot.question_promptings(parse_question(GOOD), ["direct", "cot"]) == ["direct", "cot"]
+    with pytest.raises(cot.QuestionError, match="prompting must be among"):
+        cot.question_promptings(parse_question({**GOOD, "prompting": ["think"]}), ["cot"])
+
+
 def test_loader_reads_defaults_and_keeps_extra_fields(tmp_path):
     path = write(
         tmp_path,
