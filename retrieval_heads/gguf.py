@@ -62,9 +62,9 @@ def _check_file(path: Path) -> None:
         )
 
 
-def _sweep_stale(parent: Path) -> None:
-    """Remove temporaries left by conversions whose process is gone (killed, crashed)."""
-    for tmp in parent.glob(".tmp-*"):
+def sweep_stale(parent: Path, pattern: str = ".tmp-*") -> None:
+    """Remove temporaries (``<prefix>-<pid>-<random>``) whose process is gone (killed, crashed)."""
+    for tmp in parent.glob(pattern):
         try:
             pid = int(tmp.name.split("-")[-2])
         except (IndexError, ValueError):
@@ -110,7 +110,7 @@ def convert(path: str | os.PathLike, *, sha256: str | None = None) -> Path:
 
     target = converted_dir(digest)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(target.parent)
+    sweep_stale(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-{os.getpid()}-", dir=target.parent))
     try:
         info = _convert_into(src, tmp)
@@ -131,7 +131,7 @@ def convert(path: str | os.PathLike, *, sha256: str | None = None) -> Path:
 
 def _read_error(src: Path, exc: BaseException) -> ModelLoadError:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "is not supported yet" in text or "not supported" in text.lower():
+    if "architecture" in text and "not supported" in text:  # transformers' own wording
         return ModelLoadError(
             f"{src}: transformers cannot read this GGUF architecture ({text}); convert the "
             "original model to an HF-format folder instead"

@@ -13,6 +13,7 @@ Adding a model is one entry in ``MODELS``.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -129,9 +130,10 @@ def resolve(name: str) -> str | Path:
             done = gguf.cached(expected)
             if done is not None:
                 return done
-            with tempfile.TemporaryDirectory(
-                prefix=".assemble-", dir=_ensure(gguf.cache_root())
-            ) as tmp:
+            # A killed assembly leaves its folder behind: the next one sweeps it.
+            gguf.sweep_stale(_ensure(gguf.cache_root()), ".assemble-*")
+            prefix = f".assemble-{os.getpid()}-"
+            with tempfile.TemporaryDirectory(prefix=prefix, dir=gguf.cache_root()) as tmp:
                 path = assemble(name, source, Path(tmp), expected)
                 return gguf.convert(path, sha256=expected)
         return gguf.convert(_installed_file(name, source.dist, source.file))
