@@ -14,7 +14,9 @@ would have over an evicted cache.
 - Memory share. A trial of ``L`` prompt tokens keeps ``L`` tokens for each full KV head and
   ``min(L, sink + window)`` for each windowed one: ``kv_share = (F * L + (N - F) *
   min(L, sink + window)) / (N * L)`` over the ``N = layers * kv_heads`` KV heads, ``F`` of them
-  full (:meth:`KVPolicy.kv_share`).
+  full (:meth:`KVPolicy.kv_share`). In a model with sliding-window layers (Gemma 2/3) such a
+  layer's cache holds only its window ``w``: that is its full size (``min(L, w)`` in both sums),
+  and a "full" KV head of a sliding layer keeps its own window, not the context.
 - Phases. ``"decode"`` (default; RazorAttention-style): the prompt is read with full attention
   and the cache is compressed before the answer is written, so only decode steps are masked
   (the fast prefill stays). ``"all"`` (DuoAttention-style): the windowed heads are windowed
@@ -115,14 +117,31 @@ class KVPolicy:
             for i in range(group)
         ]
 
-    def kv_share(self, n_layers: int, n_kv_heads: int, length: int) -> float:
-        """Share of a ``length``-token KV cache this policy keeps (see the module docstring)."""
+    def kv_share(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        length: int,
+        layer_windows: Sequence[int | None] | None = None,
+    ) -> float:
+        """Share of a ``length``-token KV cache this policy keeps (see the module docstring).
+
+        ``layer_windows`` (:meth:`HookedModel.layer_windows`) gives a sliding-window layer's own
+        window: the model's cache keeps only that many tokens there, so that is the layer's
+        full size, and a windowed head of it keeps ``min(its window, sink + window)``."""
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
-        total = n_layers * n_kv_heads
-        windowed = len(self.windowed_kv_heads(n_layers, n_kv_heads))
-        kept = (total - windowed) * length + windowed * min(length, self.sink + self.window)
-        return kept / (total * length)
+        windows = list(layer_windows) if layer_windows is not None else [None] * n_layers
+        if len(windows) != n_layers:
+            raise ValueError(f"layer_windows has {len(windows)} entries for {n_layers} layers")
+        own = [length if w is None else min(length, w) for w in windows]  # the model's cache
+        windowed = set(self.windowed_kv_heads(n_layers, n_kv_heads))
+        kept = sum(
+            min(own[layer], self.sink + self.window) if (layer, kv) in windowed else own[layer]
+            for layer in range(n_layers)
+            for kv in range(n_kv_heads)
+        )
+        return kept / (n_kv_heads * sum(own))
 
     def hooks(self, model: HookedModel) -> tuple[list, list]:
         """``(prefill_hooks, decode_hooks)`` for the scorer (prefill ones only in phase all)."""
@@ -382,7 +401,11 @@ def _run_trial(
     hooks = None if policy is None else (lambda _trial: policy.hooks(model))
     record = score_trial(model, trial, config, hooks)
     length = len(trial.input_ids)
-    share = 1.0 if policy is None else policy.kv_share(model.n_layers, model.n_kv_heads, length)
+    share = (
+        1.0
+        if policy is None
+        else policy.kv_share(model.n_layers, model.n_kv_heads, length, model.layer_windows())
+    )
     params = dict(record.params)
     params.update(
         base_trial_id=trial.trial_id,

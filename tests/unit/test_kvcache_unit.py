@@ -53,6 +53,24 @@ def test_kv_share_by_hand():
         KVPolicy(frozenset({(8, 0)})).kv_share(8, 4, 100)
 
 
+def test_kv_share_with_sliding_window_layers_by_hand():
+    """Gemma-style: layers 0 and 1 slide over 512 tokens, layer 2 is global; 1 KV head each.
+    At 2000 tokens the model's own cache is 512 + 512 + 2000 = 3024 tokens."""
+    windows = [512, 512, None]
+    nothing = KVPolicy(frozenset(), sink=4, window=60)  # every head keeps 64
+    assert nothing.kv_share(3, 1, 2000, windows) == pytest.approx(3 * 64 / 3024)
+    only_global = KVPolicy(frozenset({(2, 0)}), sink=4, window=60)
+    assert only_global.kv_share(3, 1, 2000, windows) == pytest.approx((64 + 64 + 2000) / 3024)
+    all_full = KVPolicy(frozenset({(0, 0), (1, 0), (2, 0)}), sink=4, window=60)
+    assert all_full.kv_share(3, 1, 2000, windows) == 1.0
+    # without the windows the same policy would claim another share: the old, wrong count
+    assert only_global.kv_share(3, 1, 2000) == pytest.approx((64 + 64 + 2000) / 6000)
+    # a short prompt fits every window: nothing is saved
+    assert nothing.kv_share(3, 1, 50, windows) == 1.0
+    with pytest.raises(ValueError, match="3 layers"):
+        nothing.kv_share(3, 1, 100, [512, None])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
