@@ -29,9 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-STAGES = ("detect", "sparse", "dynamic", "scorers", "causal", "kv", "cot", "report", "summary")
+STAGES = (
+    "detect",
+    "sparse",
+    "dynamic",
+    "scorers",
+    "layers",
+    "causal",
+    "kv",
+    "cot",
+    "report",
+    "summary",
+)
 QUESTIONS = Path(__file__).resolve().parent / "questions" / "cot_vs_facts.jsonl"
-DETECT_GRID = ["--lengths", "1000", "2000", "4000", "--n-depths", "5", "--n-needles", "4"]
 
 
 def _scorer_agreement(detect_dir: Path, k: int) -> dict:
@@ -55,17 +65,105 @@ def _scorer_agreement(detect_dir: Path, k: int) -> dict:
     return {"k": k, "pairs": pairs, "top": tops}
 
 
+def _config(model: str):
+    from transformers import AutoConfig
+
+    from retrieval_heads import registry
+
+    source = registry.resolve(model) if registry.lookup(model) else model
+    return AutoConfig.from_pretrained(str(source))
+
+
+def default_ks(model: str) -> tuple[str, str]:
+    """K values for the head K-sweep and the KV-cache curve, by the model's size: about 2, 4
+    and 8% of its heads (at least 2, 5, 10), and 5-66% of its KV heads."""
+    cfg = _config(model)
+    heads = cfg.num_hidden_layers * cfg.num_attention_heads
+    kv = cfg.num_hidden_layers * (cfg.num_key_value_heads or cfg.num_attention_heads)
+    ks = sorted({max(k, round(heads * f)) for k, f in ((2, 0.02), (5, 0.04), (10, 0.08))})
+    kv_ks = sorted({max(1, round(kv * f)) for f in (0.05, 0.15, 0.33, 0.66)})
+    return ",".join(map(str, ks)), ",".join(map(str, kv_ks))
+
+
+def _layer_windows(model: str, meta: dict) -> list:
+    """Each layer's sliding window (None: global), from the run's meta or the model's config."""
+    info = (meta.get("extra") or {}).get("model_info")
+    if info:
+        return info["layer_windows"]
+    cfg = _config(model)
+    window, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+    if not window or not types:
+        return [None] * cfg.num_hidden_layers
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
+def _layer_profile(detect_dir: Path, model: str) -> dict:
+    """Where the copying happens, layer by layer, and how far the copied token was.
+
+    A copy event at decode step ``s`` reads key ``k`` from query position ``q = L - 1 + s``
+    (``L`` tokens of prompt; the last prompt token is the first decode step). In a sliding
+    layer of window ``w`` the query sees only keys ``q - w < k <= q``, so a needle further
+    away can only be copied by a global layer: the events are split by that distance."""
+    import numpy as np
+
+    from retrieval_heads.results import load_results
+
+    meta, scores, records = load_results(detect_dir)
+    windows = _layer_windows(model, meta)
+    table = np.nan_to_num(scores.mean)  # [layer, head], mean over passing trials
+    layers = []
+    for layer, window in enumerate(windows):
+        row = table[layer]
+        layers.append(
+            {
+                "layer": layer,
+                "window": window,
+                "max": float(row.max()),
+                "mean": float(row.mean()),
+                "heads_above_0.1": int((row > 0.1).sum()),
+            }
+        )
+    smallest = min((w for w in windows if w), default=None)
+    events = {"near": {"global": 0, "sliding": 0}, "far": {"global": 0, "sliding": 0}}
+    trials = {"near": 0, "far": 0}
+    for r in records:
+        if not r.passed:
+            continue
+        length = int(r.params["context_length"])
+        start = int(r.params["answer_span"][0])
+        far = smallest is not None and length - 1 - start >= smallest
+        trials["far" if far else "near"] += 1
+        for step, layer, _head, key in r.copy_events:
+            kind = "global" if windows[layer] is None else "sliding"
+            distance = length - 1 + step - key
+            assert windows[layer] is None or distance < windows[layer], "a window was crossed"
+            events["far" if far else "near"][kind] += 1
+    return {
+        "windows": windows,
+        "smallest_window": smallest,
+        "layers": layers,
+        "passing_trials_by_needle_distance": trials,
+        "copy_events_by_needle_distance": events,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = C.parser(__doc__, "runs/real/model")
     p.add_argument("--model", required=True, help="registry name, .gguf file or HF directory")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    p.add_argument("--ks", default="2,5,10,20", help="K-sweep values (2,5,10,20)")
-    p.add_argument("--draws", type=int, default=3, help="random draws per K (3)")
-    p.add_argument("--sweep-lengths", default="1000,2000", help="held-out trial lengths")
+    p.add_argument("--lengths", default="1000,2000,4000", help="detection lengths (1000,2000,4000)")
+    p.add_argument("--n-depths", type=int, default=5, help="detection depths (5)")
+    p.add_argument("--n-needles", type=int, default=4, help="detection needles (4)")
+    p.add_argument("--ks", default=None, help="K-sweep values (default: by the model's size)")
+    p.add_argument("--draws", type=int, default=3, help="random and matched draws per K (3)")
+    p.add_argument("--sweep-lengths", default="1500", help="held-out trial lengths (1500)")
     p.add_argument("--sweep-needles", type=int, default=2, help="held-out needles (2)")
-    p.add_argument("--sweep-depths", default="10,50,90", help="held-out depths (10,50,90)")
+    p.add_argument("--sweep-depths", default="10,37,63,90", help="held-out depths (10,37,63,90)")
+    p.add_argument("--kv-ks", default=None, help="full KV heads (default: by the model's size)")
+    p.add_argument("--kv-draws", type=int, default=2, help="random KV draws per K (2)")
     p.add_argument("--kv-window", type=int, default=64, help="recent tokens kept (64)")
     p.add_argument("--cot-k", type=int, default=10, help="heads masked for chain of thought (10)")
+    p.add_argument("--cot-draws", type=int, default=2, help="random draws for it (2)")
     p.add_argument("--max-cot", type=int, default=160, help="tokens for a CoT answer (160)")
     args = p.parse_args(argv)
 
@@ -76,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     say = C.Clock()
     detect_dir = out / "detect"
     seed = ["--seed", str(args.seed)]
+    grid = ["--lengths", args.lengths, "--n-depths", str(args.n_depths)]
+    grid += ["--n-needles", str(args.n_needles)]
     held_out = [
         "--sweep-lengths",
         args.sweep_lengths,
@@ -86,12 +186,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--seed",
         str(args.seed),
     ]
+    ks, kv_ks = default_ks(args.model)
+    ks, kv_ks = args.ks or ks, args.kv_ks or kv_ks
+    say(f"{args.model}: K-sweep K = {ks}; KV-cache full KV heads K = {kv_ks}")
+    model = ["--model", args.model, "--scores", str(detect_dir)]
     summary: dict = {}
     for stage in args.stages:
         say(f"stage {stage}")
         if stage == "detect":
             code = cli.main(
-                ["detect", "--model", args.model, *DETECT_GRID, *seed, "--out", str(detect_dir)]
+                ["detect", "--model", args.model, *grid, *seed, "--out", str(detect_dir)]
             )
             if code:
                 raise SystemExit(code)
@@ -105,69 +209,28 @@ def main(argv: list[str] | None = None) -> dict:
             dynamic.main(["--scores", str(detect_dir), "--out", str(out / "dynamic")])
         elif stage == "scorers":
             C.write_json(out / "scorers.json", _scorer_agreement(detect_dir, 10))
+        elif stage == "layers":
+            C.write_json(out / "layers.json", _layer_profile(detect_dir, args.model))
         elif stage == "causal":
             import causal_sweep
 
-            causal_sweep.main(
-                [
-                    "--model",
-                    args.model,
-                    "--scores",
-                    str(detect_dir),
-                    "--ks",
-                    f"0,{args.ks}",
-                    "--draws",
-                    str(args.draws),
-                    "--matched",
-                    *held_out,
-                    "--out",
-                    str(out / "causal"),
-                ]
-            )
+            sweep = ["--ks", f"0,{ks}", "--draws", str(args.draws), "--matched"]
+            causal_sweep.main([*model, *sweep, *held_out, "--out", str(out / "causal")])
         elif stage == "kv":
             import kv_cache
 
-            kv_cache.main(
-                [
-                    "--model",
-                    args.model,
-                    "--scores",
-                    str(detect_dir),
-                    "--window",
-                    str(args.kv_window),
-                    "--draws",
-                    str(args.draws),
-                    *held_out,
-                    "--out",
-                    str(out / "kv"),
-                ]
-            )
+            curve = ["--ks", f"0,{kv_ks}", "--draws", str(args.kv_draws)]
+            curve += ["--window", str(args.kv_window)]
+            kv_cache.main([*model, *curve, *held_out, "--out", str(out / "kv")])
         elif stage == "cot":
             if not registry.default_chat(args.model):
                 say("cot: skipped (the chain-of-thought comparison is for instruct models)")
                 continue
             import cot
 
-            cot.main(
-                [
-                    "--model",
-                    args.model,
-                    "--scores",
-                    str(detect_dir),
-                    "--questions",
-                    str(QUESTIONS),
-                    "--chat",
-                    "--ks",
-                    f"0,{args.cot_k}",
-                    "--draws",
-                    str(args.draws),
-                    "--max-cot",
-                    str(args.max_cot),
-                    "--progress",
-                    "--out",
-                    str(out / "cot"),
-                ]
-            )
+            harness = ["--questions", str(QUESTIONS), "--chat", "--ks", f"0,{args.cot_k}"]
+            harness += ["--draws", str(args.cot_draws), "--max-cot", str(args.max_cot)]
+            cot.main([*model, *harness, "--progress", "--out", str(out / "cot")])
         elif stage == "report":
             dirs = [
                 d
@@ -198,6 +261,7 @@ STAGE_FILES = {
     "sparse": "sparse/summary.json",
     "dynamic": "dynamic/dynamic.json",
     "scorers": "scorers.json",
+    "layers": "layers.json",
     "causal": "causal/k_sweep.json",
     "kv": "kv/kv_curve.json",
     "cot": "cot/cot.json",

@@ -220,3 +220,28 @@ def test_published_scores(runs):
     assert pairs["Mistral-7B-v0.2-hf vs Mixtral-8x7B-v0.1"]["spearman"] > 0.8
     assert "copy events" in result["dynamic_note"]
     assert "Mistral-7B-v0.2-hf" in (runs / "published" / "table.txt").read_text()
+
+
+def test_real_models_driver_runs_every_stage_and_resumes(runs):
+    """``experiments/real_models.py`` (the real-model findings) end to end on tiny's small grid:
+    every stage writes its file, the summary gathers them, and a rerun redoes nothing."""
+    out = runs / "real"
+    argv = ["--model", "tiny", "--out", str(out), "--lengths", "150,300", "--n-depths", "2",
+            "--n-needles", "1", "--ks", "2", "--draws", "1", "--sweep-lengths", "300",
+            "--sweep-depths", "50", "--sweep-needles", "1", "--kv-ks", "2", "--kv-draws", "1"]  # fmt: skip
+    driver = script("real_models")
+    summary = driver.main(argv)
+    for stage in ("sparse", "dynamic", "scorers", "layers", "causal", "kv"):
+        assert stage in summary, stage
+    assert "cot" not in summary  # tiny is no instruct model: the stage says so and skips
+    assert summary["layers"]["windows"] == [None] * 8
+    events = summary["layers"]["copy_events_by_needle_distance"]
+    assert events["near"]["global"] > 0 and events["far"] == {"global": 0, "sliding": 0}
+    assert set(summary["scorers"]["pairs"]) == {
+        "retrieval vs topk", "retrieval vs attention_mass", "topk vs attention_mass"
+    }  # fmt: skip
+    assert (out / "report.html").stat().st_size > 100_000
+    done = (out / "causal" / "ablate" / "trials.jsonl").read_bytes()
+    driver.main([*argv, "--stages", "causal"])
+    # resumed: every record (its elapsed_s included) is the first run's, none redone
+    assert (out / "causal" / "ablate" / "trials.jsonl").read_bytes() == done
