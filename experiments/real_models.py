@@ -40,6 +40,7 @@ STAGES = (
     "cot",
     "report",
     "summary",
+    "tables",
 )
 QUESTIONS = Path(__file__).resolve().parent / "questions" / "cot_vs_facts.jsonl"
 
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
             if code:
                 raise SystemExit(code)
+        elif stage == "tables":
+            C.write_text(out / "tables.md", tables(out, args.model))
         elif stage == "summary":
             summary = gather(out, args.model)
             C.write_json(out / "summary.json", summary)
@@ -283,3 +286,64 @@ def gather(out: Path, model: str) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def _layer_table(layers: dict) -> str:
+    from retrieval_heads import analysis
+
+    rows = [
+        [
+            f"{r['layer']}",
+            "global" if r["window"] is None else f"sliding {r['window']}",
+            f"{r['max']:.2f}",
+            f"{r['mean']:.3f}",
+            r["heads_above_0.1"],
+        ]
+        for r in layers["layers"]
+    ]
+    table = analysis.format_table(rows, ["layer", "attention", "max", "mean", "heads > 0.1"])
+    events = layers["copy_events_by_needle_distance"]
+    trials = layers["passing_trials_by_needle_distance"]
+    lines = [table, ""]
+    if layers["smallest_window"]:
+        w = layers["smallest_window"]
+        for where, label in (("near", f"within {w}"), ("far", f"beyond {w}")):
+            e = events[where]
+            total = e["global"] + e["sliding"]
+            share = e["global"] / total if total else float("nan")
+            lines.append(
+                f"needle {label} tokens of the answer ({trials[where]} passing trials): "
+                f"{total} copy events, {share:.0%} in global layers"
+            )
+    return "\n".join(lines)
+
+
+def tables(out: Path, model: str) -> str:
+    """The stages' own tables in one Markdown file, for docs/real-models.md."""
+    parts = [f"# {model}: the stages' tables ({out})"]
+    for title, name in (
+        ("Sparsity and top heads", "sparse/table.txt"),
+        ("Activation frequency", "dynamic/table.txt"),
+        ("K-sweep", "causal/table.txt"),
+        ("KV-cache what-if", "kv/table.txt"),
+        ("Chain of thought vs facts", "cot/table.txt"),
+    ):
+        if (out / name).is_file():
+            parts += [f"## {title}", "```", (out / name).read_text().rstrip(), "```"]
+    if (out / "layers.json").is_file():
+        import json
+
+        layers = json.loads((out / "layers.json").read_text())
+        parts += ["## Layers", "```", _layer_table(layers), "```"]
+    if (out / "scorers.json").is_file():
+        import json
+
+        agree = json.loads((out / "scorers.json").read_text())
+        k = agree["k"]
+        rows = [
+            f"{pair}: Pearson {v['pearson']:.2f}, Spearman {v['spearman']:.2f}, "
+            f"top-{k} Jaccard {v[f'jaccard_top{k}']:.2f}"
+            for pair, v in agree["pairs"].items()
+        ]
+        parts += ["## Scorer agreement", "```", *rows, "```"]
+    return "\n\n".join(parts) + "\n"

@@ -1,20 +1,22 @@
-"""Attention views of one trial (circuitsvis), cropped around the needle so pages stay small.
+"""Attention views of one trial: the answer steps against a cropped context.
 
-For chosen heads, the attention of each answer step (decode step ``s`` reads the token at
-``query_positions[s]``: the last prompt token at step 0, then each generated token) over a window
-around the needle, the question and the generated tokens; the rest of the context is folded into
-gap tokens ``[… 3,890 tokens …]`` that carry the attention mass of what they hide, and the page
-says where the crop lies ("positions 0, 4,010–4,119, 31,990–32,011 of 32,012"). Two circuitsvis
-views per trial:
+A trial's decode steps each have one query (step ``s`` reads the token at
+``query_positions[s]``: the last prompt token at step 0, then each generated token), so its
+attention is a few rows over thousands of keys. Per chosen head the page shows:
 
-- ``AttentionHeads`` (:func:`circuitsvis.attention.attention_heads`): per head, the answer steps'
-  attention over the cropped tokens (choose a step to see its row);
-- ``ColoredTokens`` (:func:`circuitsvis.tokens.colored_tokens`), one per head: the cropped
-  context coloured by the head's mean attention per answer step.
+- a grid (plain HTML, :mod:`._attention_grid`): one row per answer step, labelled with the token
+  it generated, against at most ~80 context columns: the first token, the needle and its answer,
+  a few tokens around them, the keys the heads attend to most, the question; each hidden
+  stretch is one ``[… 3,890 …]`` column holding its attention mass and the generated tokens
+  fold into a last column, so rows still sum to 1; needle, answer and distractors are marked
+  in the header, copy events ``✓`` in their cell;
+- ``ColoredTokens`` (:func:`circuitsvis.tokens.colored_tokens`): the same crop read as text,
+  coloured by the head's mean attention per answer step.
 
-Tokens a shown head copied (its copy events) are marked ``✓`` in both, and listed in a table.
-circuitsvis puts token strings into the page as raw HTML, so ``<``, ``>`` and ``&`` in tokens are
-shown as ``‹``, ``›`` and ``＆`` (:func:`cv_text`).
+The page says where the crop lies ("context positions 0, 4,010–4,119 of 4,012"). Tokens a shown
+head copied are marked ``✓`` and listed in a table. circuitsvis puts token strings into the page
+as raw HTML, so ``<``, ``>`` and ``&`` in tokens are shown as ``‹``, ``›`` and ``＆``
+(:func:`cv_text`); the grid escapes its text.
 
 :func:`attention_view` is pure (token strings and a ``[head, step, key]`` array in), so it runs
 without a model; :func:`trial_attention` gets the rows from ``model.attention_rows`` itself.
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval_heads.heads import Head
+from retrieval_heads.views._attention_grid import AttentionGrid, Crop, choose_columns, crop_of
 from retrieval_heads.views._html import esc, fmt_int, inline_js, script_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from retrieval_heads.results import TrialRecord
 
 __all__ = [
+    "AttentionGrid",
     "CircuitsVisView",
     "TrialAttention",
     "attention_view",
@@ -153,13 +157,15 @@ def _page(title: str, body: str, n_views: int) -> str:
 
 @dataclass
 class TrialAttention:
-    """The attention views of one trial: circuitsvis views, the crop, the copy events shown."""
+    """The attention views of one trial: the answer-steps x context grid (HTML, see
+    :mod:`._attention_grid`), circuitsvis views, the crop, the copy events shown."""
 
     title: str
     heads: list[Head]
     n_tokens: int
     crop: str
     views: list[CircuitsVisView]
+    grid: AttentionGrid | None = None
     copy_rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     n_copy_events: int = 0
@@ -171,6 +177,8 @@ class TrialAttention:
             parts.append(f'<h4 class="trial-title">{esc(self.title)}</h4>')
         parts.append(f'<p class="crop">{esc(self.crop)}</p>')
         parts += [f'<p class="note">{esc(n)}</p>' for n in self.notes]
+        if self.grid is not None:
+            parts.append(self.grid.to_html())
         parts += [v.to_html(f"{id_prefix}-{i}") for i, v in enumerate(self.views)]
         parts.append(self._copy_table())
         parts.append("</div>")
@@ -229,12 +237,12 @@ def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _crop_text(positions: Sequence[int], n_tokens: int) -> str:
+def _crop_text(positions: Sequence[int], n_context: int) -> str:
     parts = [fmt_int(a) if a == b else f"{fmt_int(a)}–{fmt_int(b)}" for a, b in _runs(positions)]
     return (
-        f"Showing token positions {', '.join(parts)} of {fmt_int(n_tokens)} "
-        f"({fmt_int(len(positions))} tokens); the hidden ones are folded into [… n tokens …] "
-        "markers holding their attention mass."
+        f"Showing context positions {', '.join(parts)} of {fmt_int(n_context)} "
+        f"({fmt_int(len(positions))} tokens); the hidden ones are folded into … columns "
+        "holding their attention mass, the generated tokens into the last column."
     )
 
 
@@ -244,41 +252,15 @@ def _as_array(rows: Any) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-def attention_view(
-    tokens: Sequence[str],
-    rows: Any,
-    heads: Sequence[Head | str | tuple[int, int]],
-    query_positions: Sequence[int],
-    *,
-    needle_span: tuple[int, int] | None = None,
-    question_span: tuple[int, int] | None = None,
-    copy_events: Iterable[Sequence[int]] = (),
-    window: int = 24,
-    max_tokens: int = 160,
-    head_labels: Sequence[str] | None = None,
-    title: str = "",
-    max_copy_rows: int = 40,
-) -> TrialAttention:
-    """The attention views of one trial from arrays (no model needed).
+def _readable(token: str) -> str:
+    """A token as a label: line breaks and tabs made visible (labels are one line)."""
+    return str(token).replace("\r", "").replace("\n", "↵").replace("\t", "→")
 
-    ``tokens``: the token strings of the whole sequence (prompt, then generated tokens);
-    ``rows``: ``[head, step, key]`` attention of the chosen ``heads`` (same order) at the
-    ``query_positions`` (one per step; ``key`` indexes ``tokens``), e.g.
-    ``model.attention_rows(ids, query_positions)[layer, head]`` stacked;
-    ``needle_span``/``question_span``: token ``[start, end)``; without a needle span the window
-    is centred on the copied tokens, else on the most attended token;
-    ``copy_events``: ``(step, layer, head, key_position)``, those of the chosen heads are marked.
-    Shown: the first token, ``window`` tokens either side of the needle, the question (else the
-    ``window`` tokens before the first query), and every token from the first query on;
-    ``window`` shrinks until at most ``max_tokens`` positions are shown.
-    """
-    heads = [Head.parse(h) for h in heads]
-    att = _as_array(rows)
+
+def _check_shapes(att: np.ndarray, heads: list[Head], queries: list[int], n: int) -> None:
     if att.ndim != 3:
         raise ValueError(f"rows must be [head, step, key], got shape {att.shape}")
     n_heads, n_steps, n_keys = att.shape
-    queries = [int(q) for q in query_positions]
-    n = len(tokens)
     if n_heads != len(heads):
         raise ValueError(f"rows has {n_heads} heads, {len(heads)} head labels given")
     if n_steps != len(queries) or n_steps == 0:
@@ -287,138 +269,112 @@ def attention_view(
         raise ValueError(f"rows has {n_keys} keys but there are only {n} tokens")
     if any(not 0 <= q < n_keys for q in queries):
         raise ValueError(f"query positions must lie in 0-{n_keys - 1}, got {queries}")
-    att = np.nan_to_num(att, nan=0.0)
+
+
+def _anchor(
+    att: np.ndarray, n_context: int, needle_span: tuple[int, int] | None, copied: set[int]
+) -> tuple[tuple[int, int], str | None]:
+    """The span the crop is built around, and a note when it is not the needle."""
+    if needle_span is not None:
+        return needle_span, None
+    if copied:
+        note = "No needle span given: the window is centred on the tokens copied."
+        return (min(copied), max(copied) + 1), note
+    mass = att[:, :, :n_context].mean(axis=(0, 1))
+    mass[:1] = 0.0
+    c = int(mass.argmax())
+    return (c, c + 1), "No needle span given: the window is centred on the most attended token."
+
+
+def attention_view(
+    tokens: Sequence[str],
+    rows: Any,
+    heads: Sequence[Head | str | tuple[int, int]],
+    query_positions: Sequence[int],
+    *,
+    needle_span: tuple[int, int] | None = None,
+    answer_span: tuple[int, int] | None = None,
+    question_span: tuple[int, int] | None = None,
+    distractor_spans: Sequence[tuple[int, int]] = (),
+    copy_events: Iterable[Sequence[int]] = (),
+    window: int = 6,
+    max_tokens: int = 80,
+    head_labels: Sequence[str] | None = None,
+    title: str = "",
+    max_copy_rows: int = 40,
+) -> TrialAttention:
+    """The attention views of one trial from arrays (no model needed).
+
+    ``tokens``: the token strings of the whole sequence (prompt, then generated tokens);
+    ``rows``: ``[head, step, key]`` attention of the chosen ``heads`` (same order) at the
+    ``query_positions`` (one per step: the last prompt token, then each generated token; the
+    context is everything before the first generated token), e.g.
+    ``model.attention_rows(ids, query_positions)[layer, head]`` stacked;
+    ``needle_span``/``answer_span``/``question_span``/``distractor_spans``: token
+    ``[start, end)``; without a needle span the crop is built around the copied tokens, else
+    the most attended one; ``copy_events``: ``(step, layer, head, key_position)``, those of the
+    chosen heads are marked ``✓``.
+
+    The grid has one row per answer step (labelled with the token it generated) and at most
+    ``max_tokens`` columns: the context crop of :func:`~._attention_grid.choose_columns`
+    (needle and answer, ``window`` tokens around them, the keys attended most, the question).
+    """
+    heads = [Head.parse(h) for h in heads]
+    att = np.nan_to_num(_as_array(rows), nan=0.0)
+    queries = [int(q) for q in query_positions]
+    n = len(tokens)
+    _check_shapes(att, heads, queries, n)
+    n_heads, n_steps, n_keys = att.shape
+    n_context = queries[0] + 1  # step 0 reads the last prompt token
     index = {h: i for i, h in enumerate(heads)}
     events = [tuple(int(v) for v in e) for e in copy_events]
-    mine = [e for e in events if Head(e[1], e[2]) in index and 0 <= e[0] < n_steps]
-    copied = {e[3] for e in mine}
-    prompt_end = queries[0] + 1
-    notes: list[str] = []
+    mine = sorted(e for e in events if Head(e[1], e[2]) in index and 0 <= e[0] < n_steps)
+    copied = {e[3] for e in mine if e[3] < n_context}
 
-    centre: tuple[int, int] | None = needle_span
-    if centre is None and copied:
-        centre = (min(copied), max(copied) + 1)
-        notes.append("No needle span given: the window is centred on the tokens copied.")
-    elif centre is None:
-        mass = att.mean(axis=(0, 1))
-        mass[:1] = 0.0
-        mass[max(1, prompt_end - window) :] = 0.0
-        c = int(mass.argmax())
-        centre = (c, c + 1)
-        notes.append("No needle span given: the window is centred on the most attended token.")
-
-    def select(w: int) -> list[int]:
-        keep: set[int] = {0}
-
-        def add(a: int, b: int) -> None:
-            keep.update(range(max(0, a), min(n_keys, b)))
-
-        add(centre[0] - w, centre[1] + w)
-        for k in copied:
-            add(k - 2, k + 3)
-        if question_span is not None:
-            add(question_span[0], question_span[1])
-        else:
-            add(prompt_end - w, prompt_end)
-        add(queries[0], n_keys)
-        return sorted(keep)
-
-    w = max(0, int(window))
-    shown = select(w)
-    while len(shown) > max_tokens and w > 2:
-        w //= 2
-        shown = select(w)
-    if w < window:
-        notes.append(f"Window narrowed from {window} to {w} tokens to keep the page small.")
-
-    # display items: a shown token, or a gap folding [a, b)
-    items: list[tuple[int, int]] = []  # (a, b): b == a + 1 and a in shown -> a token
-    prev = -1
-    for p in shown:
-        if p > prev + 1:
-            items.append((prev + 1, p))
-        items.append((p, p + 1))
-        prev = p
-    if prev < n_keys - 1:
-        items.append((prev + 1, n_keys))
-    shown_set = set(shown)
-    is_gap = [not (b == a + 1 and a in shown_set) for a, b in items]
-    cum = np.concatenate([np.zeros((n_heads, n_steps, 1)), np.cumsum(att, axis=-1)], axis=-1)
-    starts = np.array([a for a, _ in items])
-    ends = np.array([b for _, b in items])
-    folded = cum[:, :, ends] - cum[:, :, starts]  # [head, step, item]
+    anchor, note = _anchor(att, n_context, needle_span, copied)
+    notes = [note] if note else []
+    anchors = [anchor] + ([answer_span] if answer_span else [])
+    shown, margin = choose_columns(
+        att,
+        n_context,
+        anchors=anchors,
+        copied=copied,
+        question_span=question_span,
+        window=window,
+        max_columns=max(8, max_tokens - 1),  # one more column folds the generated tokens
+    )
+    if margin < window:
+        notes.append(f"Window narrowed from {window} to {margin} tokens to keep the grid small.")
+    crop = crop_of(shown, n_context, n_keys)
+    folded = crop.fold(att)  # [head, step, item]
+    item_of = {a: i for i, (a, _) in enumerate(crop.items) if not crop.is_gap[i]}
 
     def label(i: int) -> str:
-        a, b = items[i]
-        if is_gap[i]:
-            return f"[… {fmt_int(b - a)} tokens …]"
-        return tokens[a] + (COPY_MARK if a in copied else "")
+        a, b = crop.items[i]
+        if i == crop.answer_item:
+            return f"[answer so far: {fmt_int(b - a)}]"
+        if crop.is_gap[i]:
+            return f"[… {fmt_int(b - a)} …]"
+        return _readable(tokens[a]) + (COPY_MARK if a in copied else "")
 
-    labels = [cv_text(label(i)) for i in range(len(items))]
-    # Word-level tokenizers give tokens without their spaces: show them spaced.
-    spaced = labels
-    real = [labels[i] for i in range(len(items)) if not is_gap[i]]
-    if real and sum(any(c.isspace() for c in t) for t in real) < 0.05 * len(real):
-        spaced = [t + " " for t in labels]
-    item_of = {a: i for i, (a, b) in enumerate(items) if not is_gap[i]}
-    matrix = np.zeros((n_heads, len(items), len(items)))
-    for s, q in enumerate(queries):
-        matrix[:, item_of[q], :] = folded[:, s, :]
-    matrix = np.round(matrix, 4)
-    real_cells = folded[:, :, ~np.asarray(is_gap)]
-    top_cell = float(real_cells.max()) if real_cells.size else 1.0
-    scale = max(top_cell, 1e-3)
-    names = list(head_labels) if head_labels is not None else [f"head {h.dotted}" for h in heads]
-    cv_names = [cv_text(name) for name in names]
-
-    from circuitsvis.attention import attention_heads
-    from circuitsvis.tokens import colored_tokens
-
-    steps_text = (
-        f"{n_steps} answer step{'s' if n_steps != 1 else ''} (step 0 reads the last prompt "
-        "token, step s the token generated at step s-1)"
-    )
-    views = [
-        CircuitsVisView.from_rendered(
-            attention_heads(
-                attention=matrix.tolist(),
-                tokens=labels,
-                attention_head_names=cv_names,
-                max_value=scale,
-                min_value=0.0,
-                mask_upper_tri=False,
-            ),
-            title="Attention of the answer steps, per head",
-            caption=(
-                f"Rows with attention: the {steps_text}. Columns: the cropped tokens; "
-                f"{COPY_MARK} marks a token one of these heads copied. Colour scale 0 to "
-                f"{scale:.3f} (the largest weight on a shown token)."
-            ),
-        )
+    col_labels = [label(i) for i in range(len(crop.items))]
+    row_labels = [
+        f"{s}: {_readable(tokens[q + 1]) if q + 1 < n else '?'}" for s, q in enumerate(queries)
     ]
-    for i in range(n_heads):
-        mean = folded[i].mean(axis=0)  # [item]
-        values = np.where(is_gap, 0.0, mean)
-        gap_labels = [
-            f"[… {fmt_int(b - a)} tokens: {100 * mean[j]:.0f}% …] " if is_gap[j] else spaced[j]
-            for j, (a, b) in enumerate(items)
-        ]
-        top = float(values.max()) if values.size else 0.0
-        views.append(
-            CircuitsVisView.from_rendered(
-                colored_tokens(
-                    tokens=gap_labels,
-                    values=np.round(values, 4).tolist(),
-                    min_value=0.0,
-                    max_value=max(top, 1e-6),
-                ),
-                title=f"Head {heads[i].dotted}: mean attention per answer step",
-                caption=(
-                    f"Over the {steps_text}; darkest = {top:.3f}. Hidden stretches show the "
-                    "share of attention they received."
-                ),
-            )
-        )
+    names = list(head_labels) if head_labels is not None else [h.dotted for h in heads]
+    copies = {(index[Head(la, hd)], s, item_of[k]) for s, la, hd, k in mine if k in item_of}
+    grid = AttentionGrid(
+        crop,
+        folded,
+        col_labels=tuple(col_labels),
+        row_labels=tuple(row_labels),
+        head_names=tuple(names),
+        copies=frozenset(copies),
+        needle=needle_span,
+        answer=answer_span,
+        distractors=tuple(tuple(d) for d in distractor_spans),
+    )
+    views = _colored_token_views(folded, crop, col_labels, heads, n_steps)
 
     def tok(p: int) -> str:
         return tokens[p] if 0 <= p < n else "?"
@@ -431,18 +387,59 @@ def attention_view(
             "key_position": fmt_int(k),
             "key_token": tok(k),
         }
-        for s, layer, head, k in sorted(mine)
+        for s, layer, head, k in mine
     ]
     return TrialAttention(
         title=title,
         heads=heads,
         n_tokens=n,
-        crop=_crop_text(shown, n),
+        crop=_crop_text(shown, n_context),
         views=views,
+        grid=grid,
         copy_rows=rows_out[:max_copy_rows],
         notes=notes,
         n_copy_events=len(rows_out),
     )
+
+
+def _colored_token_views(
+    folded: np.ndarray, crop: Crop, col_labels: Sequence[str], heads: Sequence[Head], n_steps: int
+) -> list[CircuitsVisView]:
+    """Per head, the crop read as text and coloured by the head's mean attention per answer
+    step (circuitsvis ``ColoredTokens``; token text neutralised by :func:`cv_text`)."""
+    from circuitsvis.tokens import colored_tokens
+
+    labels = [cv_text(t) for t in col_labels]
+    real = [t for t, gap in zip(labels, crop.is_gap, strict=True) if not gap]
+    # Word-level tokenizers give tokens without their spaces: show them spaced.
+    if real and sum(any(c.isspace() for c in t) for t in real) < 0.05 * len(real):
+        labels = [t + " " for t in labels]
+    steps = f"{n_steps} answer step{'s' if n_steps != 1 else ''}"
+    views = []
+    for i, head in enumerate(heads):
+        mean = folded[i].mean(axis=0)  # [item]
+        values = np.where(crop.is_gap, 0.0, mean)
+        text = [
+            f"{labels[j].rstrip()} {100 * mean[j]:.0f}% " if gap else labels[j]
+            for j, gap in enumerate(crop.is_gap)
+        ]
+        top = float(values.max()) if values.size else 0.0
+        views.append(
+            CircuitsVisView.from_rendered(
+                colored_tokens(
+                    tokens=text,
+                    values=np.round(values, 4).tolist(),
+                    min_value=0.0,
+                    max_value=max(top, 1e-6),
+                ),
+                title=f"Head {head.dotted}: the crop as text, by mean attention per answer step",
+                caption=(
+                    f"Over the {steps}; darkest = {top:.3f}. Folded stretches show the share of "
+                    "attention they received."
+                ),
+            )
+        )
+    return views
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,15 +456,30 @@ def _span(value: Any) -> tuple[int, int] | None:
     return None
 
 
+def _spans_of_trial(trial: Any) -> dict[str, Any]:
+    """Needle, answer, question and distractor spans of a haystack ``Trial``."""
+    spans: dict[str, Any] = {}
+    placed = list(getattr(trial, "needles", ()) or ())
+    targets = [p for p in placed if p.role == "target"]
+    if targets:
+        spans["needle_span"] = tuple(targets[0].span)
+        spans["answer_span"] = tuple(targets[0].answer_span)
+    spans["distractor_spans"] = [tuple(p.span) for p in placed if p.role != "target"]
+    ctx_end = int(getattr(trial, "context_span", (0, 0))[1])
+    if 0 < ctx_end < len(trial.input_ids):
+        spans["question_span"] = (ctx_end, len(trial.input_ids))
+    return spans
+
+
 def trial_attention(
     model: HookedModel,
     record: TrialRecord,
     trial_ids: Trial | Sequence[int] | Any,
     heads: Sequence[Head | str | tuple[int, int]],
     *,
-    window: int = 24,
+    window: int = 6,
     max_steps: int = 16,
-    max_tokens: int = 160,
+    max_tokens: int = 80,
     needle_span: tuple[int, int] | None = None,
     question_span: tuple[int, int] | None = None,
     head_labels: Sequence[str] | None = None,
@@ -477,28 +489,26 @@ def trial_attention(
     (``trial_ids``: a :class:`~retrieval_heads.haystack.Trial`, or its input ids) followed by
     the record's generated ids, at the first ``max_steps`` answer steps.
 
-    Needle and question spans come from a ``Trial`` (its target needle, and what follows its
-    context), else from the arguments or ``record.params["needle_span"]``, else from the copy
+    Needle, answer, question and distractor spans come from a ``Trial``, else from the
+    arguments or ``record.params`` (``needle_span``, ``answer_span``), else from the copy
     events. Note: ``attention_rows`` returns every layer and head, ``[layer, head, step,
     tokens]`` floats; keep ``max_steps`` small for long contexts on big models.
     """
     import torch
 
+    spans: dict[str, Any] = {"distractor_spans": []}
     if hasattr(trial_ids, "input_ids"):  # a haystack Trial
-        trial = trial_ids
-        prompt = [int(t) for t in trial.input_ids]
-        if needle_span is None and getattr(trial, "needles", None):
-            needle_span = tuple(trial.target.span)
-        ctx_end = int(getattr(trial, "context_span", (0, 0))[1])
-        if question_span is None and 0 < ctx_end < len(prompt):
-            question_span = (ctx_end, len(prompt))
+        prompt = [int(t) for t in trial_ids.input_ids]
+        spans.update(_spans_of_trial(trial_ids))
     else:
-        ids = torch.as_tensor(trial_ids)
-        prompt = [int(t) for t in ids.reshape(-1).tolist()]
-    if needle_span is None:
-        needle_span = _span(record.params.get("needle_span")) or _span(
-            record.params.get("answer_span")
-        )
+        prompt = [int(t) for t in torch.as_tensor(trial_ids).reshape(-1).tolist()]
+        answer = _span(record.params.get("answer_span"))
+        spans["needle_span"] = _span(record.params.get("needle_span")) or answer
+        spans["answer_span"] = answer
+    if needle_span is not None:
+        spans["needle_span"] = needle_span
+    if question_span is not None:
+        spans["question_span"] = question_span
     heads = [model.check_head(h) for h in heads]
     if (record.n_layers, record.n_heads) != (model.n_layers, model.n_heads):
         raise ValueError(
@@ -525,8 +535,10 @@ def trial_attention(
         rows,
         heads,
         queries,
-        needle_span=needle_span,
-        question_span=question_span,
+        needle_span=spans.get("needle_span"),
+        answer_span=spans.get("answer_span"),
+        question_span=spans.get("question_span"),
+        distractor_spans=spans["distractor_spans"],
         copy_events=[e for e in record.copy_events if e[0] < n_steps],
         window=window,
         max_tokens=max_tokens,

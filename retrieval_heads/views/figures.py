@@ -31,6 +31,7 @@ from retrieval_heads.analysis import RETRIEVAL_THRESHOLD, KSweepRow, KVPoint
 from retrieval_heads.heads import Head
 from retrieval_heads.results import HeadScores, TrialRecord
 from retrieval_heads.views._html import esc, fmt_float, fmt_int
+from retrieval_heads.views._layers import LayerWindows, is_mixed, mark_layers, windows_summary
 
 __all__ = [
     "NIAH_COLORSCALE",
@@ -108,24 +109,47 @@ def _cell_text(table: np.ndarray, digits: int = 2, blank_zero: bool = False) -> 
 # head scores
 
 
+def _show_values(n_layers: int, n_cols: int) -> bool:
+    """Cell values fit while cells stay at least ~20 px tall and ~35 px wide (up to 48 layers,
+    32 columns: SmolLM2's 30 x 9 heads show theirs)."""
+    return n_layers <= 48 and n_cols <= 32
+
+
+def _with_windows(subtitle: str, windows: LayerWindows | None) -> str:
+    """The subtitle, plus which layers are global when the layers' windows differ."""
+    if not is_mixed(windows):
+        return subtitle
+    assert windows is not None
+    marks = f"{esc(windows_summary(windows))} (global rows outlined)"
+    return f"{subtitle}<br>{marks}" if subtitle else marks
+
+
 def _layout_head_grid(
-    fig: go.Figure, title: dict[str, Any], n_layers: int, n_cols: int, x_title: str = "head"
+    fig: go.Figure,
+    title: dict[str, Any],
+    n_layers: int,
+    n_cols: int,
+    x_title: str = "head",
+    layer_windows: LayerWindows | None = None,
 ) -> go.Figure:
-    """Layers down (layer 0 on top), heads across: the layout every per-head heatmap shares."""
+    """Layers down (layer 0 on top), heads across: the layout every per-head heatmap shares.
+    With ``layer_windows`` that differ per layer, each layer row says whether it is global."""
+    top = 70 if not is_mixed(layer_windows) else 95  # room for the subtitle's second line
     fig.update_layout(
         **_LAYOUT,
         title=title,
-        height=max(320, min(900, 90 + 22 * n_layers)),
+        height=max(320, min(1100, top + 30 + 22 * n_layers)),
         plot_bgcolor=_MISSING_BG,
     )
+    fig.update_layout(margin={**_LAYOUT["margin"], "t": top})
     fig.update_xaxes(title_text=x_title, showgrid=False, dtick=1 if n_cols <= 32 else None)
     fig.update_yaxes(
         title_text="layer",
         autorange="reversed",
         showgrid=False,
-        dtick=1 if n_layers <= 32 else None,
+        dtick=1 if n_layers <= 48 else None,
     )
-    return fig
+    return mark_layers(fig, layer_windows, n_cols)
 
 
 def score_heatmap(
@@ -138,6 +162,7 @@ def score_heatmap(
     zmax: float | None = None,
     threshold: float = RETRIEVAL_THRESHOLD,
     show_values: bool | None = None,
+    layer_windows: LayerWindows | None = None,
 ) -> go.Figure:
     """Layer x head heatmap of retrieval scores (layer 0 on top).
 
@@ -146,7 +171,9 @@ def score_heatmap(
     key/value head instead: :meth:`HeadScores.kv_heads` (``kv_how`` ``"max"`` or ``"mean"`` over
     the query heads reading it), the hover naming the query heads and the best one.
     ``zmax`` defaults to 1 (scores are shares), or the maximum where a variant exceeds 1.
-    Cells are labelled with their value when ``show_values`` (default: at most 256 cells).
+    Cells are labelled with their value when ``show_values`` (default: while they fit, up to
+    48 layers x 32 heads). ``layer_windows`` (per layer: a sliding window in tokens, or ``None``
+    for global attention) marks the global layers when the layers differ.
     """
     table, hs = _table_and_scores(scores, stat)
     n_layers, n_heads = table.shape
@@ -217,7 +244,7 @@ def score_heatmap(
         x_title, n_cols = "head", n_heads
         default_title = "Retrieval score per head"
     if show_values is None:
-        show_values = n_layers * n_cols <= 256
+        show_values = _show_values(n_layers, n_cols)
     heatmap = go.Heatmap(
         z=_z(np.asarray(z)),
         x=list(range(n_cols)),
@@ -242,7 +269,12 @@ def score_heatmap(
     if hs is not None:
         subtitle += f"; {hs.n_passed} of {hs.n_total} trials passed"
     return _layout_head_grid(
-        fig, _title(title or default_title, subtitle), n_layers, n_cols, x_title=x_title
+        fig,
+        _title(title or default_title, _with_windows(subtitle, layer_windows)),
+        n_layers,
+        n_cols,
+        x_title=x_title,
+        layer_windows=layer_windows,
     )
 
 
@@ -622,6 +654,7 @@ def effect_heatmap(
     title: str | None = None,
     value_label: str = "patching effect",
     show_values: bool | None = None,
+    layer_windows: LayerWindows | None = None,
 ) -> go.Figure:
     """Layer x head heatmap of a signed per-head quantity (e.g. activation patching's recovery
     of the logit difference), on a diverging scale centred at 0."""
@@ -633,7 +666,7 @@ def effect_heatmap(
     bound = float(np.abs(finite).max()) if finite.size else 1.0
     labels = _head_grid(n_layers, n_heads)
     if show_values is None:
-        show_values = n_layers * n_heads <= 256
+        show_values = _show_values(n_layers, n_heads)
     fig = go.Figure(
         go.Heatmap(
             z=_z(table),
@@ -653,8 +686,13 @@ def effect_heatmap(
             hovertemplate=f"head %{{customdata[0]}}<br>{esc(value_label)} %{{z:.3f}}<extra></extra>",
         )
     )
+    subtitle = _with_windows("", layer_windows) or None
     return _layout_head_grid(
-        fig, _title(title or f"{value_label.capitalize()} per head"), n_layers, n_heads
+        fig,
+        _title(title or f"{value_label.capitalize()} per head", subtitle),
+        n_layers,
+        n_heads,
+        layer_windows=layer_windows,
     )
 
 
@@ -749,6 +787,7 @@ def activation_frequency_heatmap(
     passing_only: bool = True,
     title: str | None = None,
     show_values: bool | None = None,
+    layer_windows: LayerWindows | None = None,
 ) -> go.Figure:
     """Per head the share of trials (passing ones by default) in which it made at least one copy
     event (:func:`analysis.activation_frequency`), layer x head; an array is drawn as given."""
@@ -769,7 +808,7 @@ def activation_frequency_heatmap(
     else:
         custom = [[[labels[la, h], "—"] for h in range(n_heads)] for la in range(n_layers)]
     if show_values is None:
-        show_values = n_layers * n_heads <= 256
+        show_values = _show_values(n_layers, n_heads)
     always = int((freq == 1.0).sum())
     never = int((freq == 0.0).sum())
     which = "passing " if passing_only else ""
@@ -798,7 +837,11 @@ def activation_frequency_heatmap(
         )
     )
     return _layout_head_grid(
-        fig, _title(title or "Activation frequency per head", subtitle), n_layers, n_heads
+        fig,
+        _title(title or "Activation frequency per head", _with_windows(subtitle, layer_windows)),
+        n_layers,
+        n_heads,
+        layer_windows=layer_windows,
     )
 
 

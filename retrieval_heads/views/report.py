@@ -9,7 +9,10 @@ result set: a header (model, kind, config, seed, package versions, commit, dates
 - detection runs: score heatmap (and per kv head when the model uses GQA), histogram in the
   paper's bins, needle-in-a-haystack grid, activation frequency, the retrieval score against
   every other scorer the records carry (e.g. a patching effect), a top-heads table and, given a
-  model and the trials' input ids, attention views of the first passing trials;
+  model, attention views of passing trials (longest contexts first): answer steps against a
+  cropped context, per top head (their input ids come from ``trials``, else are rebuilt from
+  the records). Per-head heatmaps mark global and sliding-window layers when the run recorded
+  ``meta["extra"]["model_info"]["layer_windows"]`` (or the model reports them);
 - ablation runs (``meta["kind"] == "ablate"``, or records with ``params["k"]``): NIAH grids of
   the baseline and the ablated runs side by side, the K-sweep (figure and table), answer-class
   shares when records carry ``params["answer_class"]`` (or another of
@@ -53,6 +56,13 @@ from retrieval_heads.results import (
 )
 from retrieval_heads.views import figures
 from retrieval_heads.views._html import esc, fmt_float, fmt_int, plotly_js
+from retrieval_heads.views._layers import (
+    is_mixed,
+    layer_kind,
+    layer_windows_from_meta,
+    layer_windows_from_model,
+    windows_summary,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
@@ -219,6 +229,13 @@ def _n_kv_heads(rs: ResultSet, model: HookedModel | None) -> int | None:
     return n_kv if 0 < n_kv < n_heads and n_heads % n_kv == 0 else None
 
 
+def _layer_windows(rs: ResultSet, model: HookedModel | None) -> list[int | None] | None:
+    """Each layer's attention window (``None``: global) as the run recorded it, else as the
+    model given reports it; ``None`` when neither knows."""
+    n_layers = rs.scores.n_layers
+    return layer_windows_from_meta(rs.meta, n_layers) or layer_windows_from_model(model, n_layers)
+
+
 # ---------------------------------------------------------------------------------------------
 # the page
 
@@ -262,7 +279,7 @@ def _kv(rows: Sequence[tuple[str, str]]) -> str:
     return f'<table class="meta">{body}</table>'
 
 
-def _header(rs: ResultSet) -> str:
+def _header(rs: ResultSet, windows: Sequence[int | None] | None = None) -> str:
     meta = rs.meta
     prov = meta.get("provenance") if isinstance(meta.get("provenance"), Mapping) else {}
     git = prov.get("git") if isinstance(prov.get("git"), Mapping) else None
@@ -294,6 +311,8 @@ def _header(rs: ResultSet) -> str:
         )
     )
     rows.append(("heads", f"{s.n_layers} layers × {s.n_heads} heads ({esc(s.scorer)} scorer)"))
+    if windows is not None and any(w is not None for w in windows):
+        rows.append(("layer attention", esc(windows_summary(windows))))
     if prov:
         pkgs = prov.get("packages") if isinstance(prov.get("packages"), Mapping) else {}
         versions = ", ".join(f"{k} {v if v is not None else '—'}" for k, v in pkgs.items())
@@ -327,7 +346,7 @@ def _has_grid(records: Sequence[TrialRecord]) -> bool:
     )
 
 
-def _top_table(rs: ResultSet, top_n: int) -> str:
+def _top_table(rs: ResultSet, top_n: int, windows: Sequence[int | None] | None = None) -> str:
     s = rs.scores
     ranking = s.ranking()[:top_n]
     if not ranking:
@@ -338,8 +357,11 @@ def _top_table(rs: ResultSet, top_n: int) -> str:
         freq = analysis.activation_frequency(passing)
     values = s.values[s.passed]
     nonzero = (np.nan_to_num(values, nan=0.0) > 0).sum(axis=0)
+    with_kind = is_mixed(windows)
     head = (
-        "<tr><th>rank</th><th>head</th><th>score</th><th>95% CI</th><th>passing trials</th>"
+        "<tr><th>rank</th><th>head</th>"
+        + ("<th>layer attention</th>" if with_kind else "")
+        + "<th>score</th><th>95% CI</th><th>passing trials</th>"
         "<th>copied in</th><th>mean over all trials</th>"
         + ("<th>activation frequency</th>" if freq is not None else "")
         + "</tr>"
@@ -359,17 +381,27 @@ def _top_table(rs: ResultSet, top_n: int) -> str:
         ]
         if freq is not None:
             cells.append(fmt_float(freq[h.layer, h.head]))
+        text_columns = {1}
+        if with_kind:
+            assert windows is not None
+            cells.insert(2, layer_kind(windows[h.layer]))
+            text_columns.add(2)
         tds = "".join(
-            f'<td class="num">{esc(c)}</td>' if i != 1 else f"<td>{esc(c)}</td>"
+            f"<td>{esc(c)}</td>" if i in text_columns else f'<td class="num">{esc(c)}</td>'
             for i, c in enumerate(cells)
         )
         body.append(f"<tr{cls}>{tds}</tr>")
     n_ret = len(s.above(RETRIEVAL_THRESHOLD))
     sparsity = analysis.sparsity(s)
     caption = (
-        f"Top {len(ranking)} heads by retrieval score (mean over passing trials); {n_ret} heads "
-        f"score above {RETRIEVAL_THRESHOLD:g} ({fmt_float(100 * sparsity, 1)}% of heads), shaded."
+        f"Top {len(ranking)} of {fmt_int(s.n_layers * s.n_heads)} heads by retrieval score (mean "
+        f"over passing trials); {n_ret} heads score above {RETRIEVAL_THRESHOLD:g} "
+        f"({fmt_float(100 * sparsity, 1)}% of heads), shaded."
     )
+    if with_kind:
+        assert windows is not None
+        in_global = sum(windows[h.layer] is None for h, _ in ranking)
+        caption += f" {in_global} of these {len(ranking)} sit in global layers."
     return (
         f'<table class="top-heads"><caption>{esc(caption)}</caption><thead>{head}</thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
@@ -392,10 +424,13 @@ def _detection_section(
     top_n: int,
 ) -> str:
     s, records, name = rs.scores, rs.records, rs.model
+    windows = _layer_windows(rs, model)
     parts = ["<h3>Retrieval scores</h3>"]
     parts.append(
         page.figure(
-            lambda: figures.score_heatmap(s, title=f"Retrieval score per head: {name}"),
+            lambda: figures.score_heatmap(
+                s, title=f"Retrieval score per head: {name}", layer_windows=windows
+            ),
             "score heatmap",
         )
     )
@@ -404,7 +439,10 @@ def _detection_section(
         parts.append(
             page.figure(
                 lambda: figures.score_heatmap(
-                    s, kv_heads=n_kv, title=f"Retrieval score per kv head: {name}"
+                    s,
+                    kv_heads=n_kv,
+                    title=f"Retrieval score per kv head: {name}",
+                    layer_windows=windows,
                 ),
                 "kv-head heatmap",
             )
@@ -415,7 +453,7 @@ def _detection_section(
             "score histogram",
         )
     )
-    parts.append(_top_table(rs, top_n))
+    parts.append(_top_table(rs, top_n, windows))
     if records and _has_grid(records):
         parts.append("<h3>Needle in a haystack</h3>")
         parts.append(
@@ -446,7 +484,7 @@ def _detection_section(
         parts.append(
             page.figure(
                 lambda: figures.activation_frequency_heatmap(
-                    records, title=f"Activation frequency per head: {name}"
+                    records, title=f"Activation frequency per head: {name}", layer_windows=windows
                 ),
                 "activation frequency",
             )
@@ -489,18 +527,31 @@ def _attention_views(
             f'<p class="note">No attention views: the model given has {model.n_layers}x'
             f"{model.n_heads} heads, these results {rs.scores.n_layers}x{rs.scores.n_heads}.</p>"
         )
+    from retrieval_heads.views._trials import pick_trials, rebuild_trials
+
+    notes: list[str] = []
     if not trials:
-        return (
-            '<p class="note">No attention views: the trials\' input ids were not given (pass '
-            "<code>trials={trial_id: Trial or input ids}</code> to <code>build_report</code>).</p>"
-        )
-    passing = [r for r in rs.records if r.passed]
-    chosen = [r for r in passing if r.trial_id in trials][:trial_views]
-    if not chosen:
-        return (
-            f'<p class="note">No attention views: none of the {len(passing)} passing trials has '
-            "its input ids in <code>trials</code>.</p>"
-        )
+        # The CLI has only the results folder: rebuild the trials shown from their records.
+        chosen = pick_trials(rs.records, trial_views)
+        trials, notes = rebuild_trials(chosen, model.tokenizer)
+        chosen = [r for r in chosen if r.trial_id in trials]
+        if not chosen:
+            why = "; ".join(notes) or "no passing trials"
+            return (
+                '<p class="note">No attention views: the trials\' input ids were not given and '
+                f"could not be rebuilt from the records ({esc(why)}); pass "
+                "<code>trials={trial_id: Trial or input ids}</code> to "
+                "<code>build_report</code>.</p>"
+            )
+    else:
+        passing = [r for r in rs.records if r.passed and r.trial_id in trials]
+        chosen = pick_trials(passing, trial_views)
+        if not chosen:
+            n_passing = sum(r.passed for r in rs.records)
+            return (
+                f'<p class="note">No attention views: none of the {n_passing} passing trials '
+                "has its input ids in <code>trials</code>.</p>"
+            )
     heads = [h for h, _ in rs.scores.ranking()[:heads_per_view]]
     labels = [f"{h.dotted} ({rs.scores.score(h):.2f})" for h in heads]
     from retrieval_heads.views.attention import trial_attention
@@ -520,6 +571,7 @@ def _attention_views(
             out.append(f'<p class="error">{esc(message)}</p>')
             continue
         out.append(page.trial_view(view))
+    out += [f'<p class="note">{esc(n)}</p>' for n in notes]
     return "\n".join(out)
 
 
@@ -748,10 +800,14 @@ def _patching_section(page: _Page, ps: PatchingSet, detections: Sequence[ResultS
     same = [d for d in detections if d.scores.shape == shape]
     match = next((d for d in same if d.model == ps.model), same[0] if same else None)
     label = "patching effect"
+    windows = layer_windows_from_meta(match.meta, shape[0]) if match is not None else None
     parts.append(
         page.figure(
             lambda: figures.effect_heatmap(
-                ps.effect, value_label=label, title=f"Activation patching per head: {ps.model}"
+                ps.effect,
+                value_label=label,
+                title=f"Activation patching per head: {ps.model}",
+                layer_windows=windows,
             ),
             "patching heatmap",
         )
@@ -812,7 +868,7 @@ def render_report(
     trials: Mapping[str, Trial | Sequence[int]] | None = None,
     trial_views: int = 2,
     heads_per_view: int = 4,
-    window: int = 24,
+    window: int = 6,
     top_n: int = 20,
     title: str = "Retrieval heads report",
 ) -> str:
@@ -852,7 +908,7 @@ def render_report(
         toc.append(f'<li><a href="#{anchor}">#{rs.index} {esc(rs.label)}</a></li>')
         body = [f'<section class="result" id="{anchor}">']
         body.append(f"<h2>#{rs.index} {esc(rs.model)} — {esc(rs.kind)}</h2>")
-        body.append(_header(rs))
+        body.append(_header(rs, _layer_windows(rs, model)))
         if rs.is_kv_sim:
             body.append(_kv_section(page, rs))
         elif rs.is_ablation:
@@ -928,7 +984,7 @@ def build_report(
     trials: Mapping[str, Trial | Sequence[int]] | None = None,
     trial_views: int = 2,
     heads_per_view: int = 4,
-    window: int = 24,
+    window: int = 6,
     top_n: int = 20,
     title: str = "Retrieval heads report",
 ) -> Path:
@@ -936,9 +992,11 @@ def build_report(
 
     ``result_dirs``: results directories (detection or ablation runs) or score files.
     ``model`` and ``trials`` (``{trial_id: Trial or input ids}``) enable the attention views
-    of the first ``trial_views`` passing trials of each detection run, showing its
-    ``heads_per_view`` best heads over ``window`` tokens either side of the needle; without
-    them the page says why there are none. The file is written atomically.
+    of ``trial_views`` passing trials of each detection run (longest context first), showing its
+    ``heads_per_view`` best heads over the needle, ``window`` tokens either side of it and the
+    keys they attend to most; without ``trials`` the shown trials are rebuilt from their records
+    (built-in haystacks only), else the page says why there are none. The file is written
+    atomically.
     """
     text = render_report(
         result_dirs,

@@ -241,33 +241,41 @@ def test_attention_view_crops_a_long_context_and_keeps_mass():
         ["3.1", "4.0"],
         queries,
         needle_span=(16_000, 16_012),
+        answer_span=(16_002, 16_006),
         question_span=(31_980, 31_995),
         copy_events=events + [(0, 9, 9, 5)],  # another head's event is not shown
         window=16,
         title=f"trial {EVIL}",
     )
-    assert "of 32,000" in view.crop and "15,984–16,027" in view.crop
-    heads_view = view.views[0]
-    assert heads_view.element == "AttentionHeads" and len(view.views) == 3
-    att = np.asarray(heads_view.props["attention"])
-    labels = heads_view.props["tokens"]
-    assert att.shape[0] == 2 and att.shape[1] == att.shape[2] == len(labels) <= 160
-    # folding the hidden keys into gap tokens keeps every answer step's total attention
-    sums = att.sum(axis=-1)
-    answer_rows = np.flatnonzero(sums[0] > 0)
-    assert len(answer_rows) == len(queries)
-    np.testing.assert_allclose(sums[:, answer_rows], 1.0, atol=1e-3)
-    assert any(t.startswith("[… ") for t in labels)
-    # copied tokens are marked; markup in tokens is neutralised for circuitsvis' innerHTML
-    assert sum(t.endswith("✓") for t in labels) == 3
-    assert not any(c in t for t in labels for c in "<>&")
-    assert "‹/script›‹script›alert(1)‹/script›✓" in labels
+    n_context = queries[0] + 1
+    assert f"of {n_context:,}" in view.crop and "15,984–16,027" in view.crop
+    grid = view.grid
+    # rows: the answer steps, labelled with the token each generated
+    assert grid.row_labels == tuple(f"{s}: {tokens[q + 1]}" for s, q in enumerate(queries))
+    # columns: a cropped context; hidden stretches and the generated tokens folded
+    assert len(grid.col_labels) <= 80 and grid.weights.shape == (2, 5, len(grid.col_labels))
+    assert all(p < n_context for p in grid.crop.shown)
+    assert grid.crop.items[-1] == (n_context, len(tokens)) and grid.crop.answer_item is not None
+    assert set(range(16_000, 16_012)) <= set(grid.crop.shown)
+    assert any(t.startswith("[… ") for t in grid.col_labels)
+    # folding keeps every answer step's total attention
+    np.testing.assert_allclose(grid.weights.sum(axis=-1), 1.0, atol=1e-9)
+    # copied tokens are marked in the grid's cells and labels, only for the shown heads
+    copied_cols = {i for i, t in enumerate(grid.col_labels) if t.endswith("✓")}
+    assert len(copied_cols) == 3
+    assert grid.copies == {(0, s, col) for s, col in enumerate(sorted(copied_cols))}
     assert [r["head"] for r in view.copy_rows] == ["3.1"] * 3
+    # circuitsvis views: ColoredTokens per head, markup neutralised for their innerHTML
+    assert [v.element for v in view.views] == ["ColoredTokens", "ColoredTokens"]
+    labels = view.views[0].props["tokens"]
+    assert not any(c in t for t in labels for c in "<>&")
+    assert any("‹/script›‹script›alert(1)‹/script›✓" in t for t in labels)
     html = view.to_html()
     parsed = parse(html)
-    assert len(parsed.scripts) == 3 and "img" not in parsed.tags
+    assert len(parsed.scripts) == 2 and "img" not in parsed.tags
     assert all("alert(1)" != s["text"].strip() for s in parsed.scripts)
-    assert "&lt;/script&gt;" in html  # the title and the copy table, escaped
+    assert html.count('class="ag-copy"') == 3 and html.count('class="ag"') == 2
+    assert "&lt;/script&gt;" in html  # the title, the grid and the copy table, escaped
 
 
 def test_attention_view_narrows_the_window_and_validates():
@@ -275,7 +283,8 @@ def test_attention_view_narrows_the_window_and_validates():
     view = attention_view(tokens, rows, ["3.1", "4.0"], queries, window=200, max_tokens=60)
     assert any("narrowed" in n for n in view.notes)
     assert any("most attended" in n for n in view.notes)
-    assert len(view.views[0].props["tokens"]) <= 70
+    assert len(view.grid.col_labels) <= 60
+    assert len(view.views[0].props["tokens"]) <= 60
     with pytest.raises(ValueError):
         attention_view(tokens, rows, ["3.1"], queries)
     with pytest.raises(ValueError):
@@ -345,18 +354,27 @@ def test_trial_attention_with_the_tiny_model(tiny_model):
         n_heads=model.n_heads,
     )
     view = trial_attention(model, record, trial, ["6.2", "7.5"], window=8, max_steps=3)
-    att = np.asarray(view.views[0].props["attention"])
+    grid = view.grid
+    prompt = len(trial.input_ids)
     rows = model.attention_rows(
-        torch.tensor(list(trial.input_ids) + generated[:3]),
-        [len(trial.input_ids) - 1 + s for s in range(3)],
+        torch.tensor(list(trial.input_ids) + generated[:3]), [prompt - 1 + s for s in range(3)]
     )
-    answer_rows = np.flatnonzero(att[0].sum(-1) > 0)
-    assert len(answer_rows) == 3
-    np.testing.assert_allclose(att[:, answer_rows].sum(-1), 1.0, atol=1e-3)
-    labels = view.views[0].props["tokens"]
-    # the shown weight of the copied token is the model's
-    col = next(i for i, t in enumerate(labels) if t.endswith("✓"))
-    assert att[0, answer_rows[0], col] == pytest.approx(float(rows[6, 2, 0, a0]), abs=1e-4)
+    # rows: the 3 answer steps, each labelled with the token the model generated there
+    words = model.to_str_tokens(torch.tensor(generated[:3]))
+    assert grid.row_labels == tuple(f"{s}: {w}" for s, w in enumerate(words))
+    # columns: the context around the needle, cropped; every step's mass is kept
+    assert grid.crop.n_context == prompt and max(grid.crop.shown) < prompt
+    assert len(grid.crop.shown) < prompt
+    assert set(range(*trial.target.span)) <= set(grid.crop.shown)
+    np.testing.assert_allclose(grid.weights.sum(-1), 1.0, atol=1e-3)
+    # each cell is the model's weight; every key a shown head gives 2% or more is a column
+    col = next(i for i, t in enumerate(grid.col_labels) if t.endswith("✓"))
+    assert grid.crop.items[col] == (a0, a0 + 1) and (0, 0, col) in grid.copies
+    assert grid.weights[0, 0, col] == pytest.approx(float(rows[6, 2, 0, a0]), abs=1e-4)
+    picked = torch.stack([rows[6, 2], rows[7, 5]])[:, :, :prompt]
+    attended = set(torch.nonzero(picked.amax(dim=(0, 1)) >= 0.02).flatten().tolist())
+    assert attended and attended <= set(grid.crop.shown)
+    assert grid.needle == tuple(trial.target.span) and grid.answer == trial.answer_span
     assert view.copy_rows[0]["head"] == "6.2"
     assert "Showing the first 3 of 4 answer steps." in view.notes
     assert f"{trial.target.span[0] - 8:,}" in view.crop
@@ -437,7 +455,8 @@ def test_report_with_the_tiny_model_renders_attention_views(tmp_path, tiny_model
     }
     text = render_report([detect], model=model, trials=trials, trial_views=2, heads_per_view=3)
     n_views = int(re.search(r'data-views="(\d+)"', text).group(1))
-    assert n_views == 2 * (1 + 3)
+    assert n_views == 2 * 3  # per trial, one ColoredTokens per head
+    assert text.count('class="ag"') == 2 * 3  # and one answer-steps x context grid per head
     assert text.count('class="cv-root"') == n_views
     parsed = parse(text)
     n_figures = int(re.search(r'data-figures="(\d+)"', text).group(1))
@@ -447,7 +466,7 @@ def test_report_with_the_tiny_model_renders_attention_views(tmp_path, tiny_model
     # plain input ids instead of Trials: the window centres on the copy events
     ids = {tid: list(t.input_ids) for tid, t in trials.items()}
     text = render_report([detect], model=model, trials=ids, trial_views=1, heads_per_view=2)
-    assert 'data-views="3"' in text and "centred on the tokens copied" in text
+    assert 'data-views="2"' in text and "centred on the tokens copied" in text
     # without the inputs: a note, no failure
     text = render_report([detect], model=model, trials=None)
     assert "input ids were not given" in text and 'data-views="0"' in text
