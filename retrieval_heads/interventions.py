@@ -555,7 +555,9 @@ class Ablation:
             else:
                 assert self.blocked_positions is not None
                 blocked = torch.tensor(self.blocked_positions, dtype=torch.long)
-                hooks.append((model.hook_name(layer, "attn_scores"), _knockout_hook(idx, blocked)))
+                hooks.append(
+                    (model.hook_name(layer, "attn_scores"), _knockout_hook(model, idx, blocked))
+                )
                 hooks.append((model.hook_name(layer, "pattern"), _empty_rows_hook(idx)))
         return hooks
 
@@ -654,10 +656,11 @@ def _replay_decode_hook(model: HookedModel, idx: _Index, source: Tensor):
     return hook
 
 
-def _knockout_hook(idx: _Index, blocked: Tensor):
+def _knockout_hook(model: HookedModel, idx: _Index, blocked: Tensor):
     def hook(scores: Tensor, hook: Any) -> Tensor | None:
         n_keys = scores.shape[-1]
-        cols = blocked[blocked < n_keys].to(scores.device)
+        cols = blocked - first_key(model, scores)  # absolute positions -> this row's keys
+        cols = cols[(cols >= 0) & (cols < n_keys)].to(scores.device)
         if cols.numel() == 0:
             return None
         heads = idx.on(scores.device)
@@ -685,23 +688,42 @@ def _empty_rows_hook(idx: _Index):
 
 
 def window_mask(
-    n_queries: int, n_keys: int, sink: int, window: int, device: torch.device | str = "cpu"
+    n_queries: int,
+    n_keys: int,
+    sink: int,
+    window: int,
+    device: torch.device | str = "cpu",
+    first_key: int = 0,
 ) -> Bool[Tensor, "query key"]:
-    """Which keys a windowed head still sees: ``True`` for the first ``sink`` keys and the last
-    ``window`` keys up to each query's own position.
+    """Which keys a windowed head still sees: ``True`` for the first ``sink`` positions and the
+    last ``window`` positions up to each query's own.
 
-    The queries are the last ``n_queries`` of ``n_keys`` positions (a decode step is query
-    ``n_keys - 1``; a prefill chunk continues a cache that starts at 0), so query ``q`` keeps
-    key ``k`` when ``k < sink`` or ``q - window < k <= q``. Keys after ``q`` are left to the
-    causal mask. ``window >= 1`` keeps the query's own key, so no row is ever empty.
+    The queries are the last ``n_queries`` of ``n_keys`` keys, and key ``j`` sits at absolute
+    position ``first_key + j``: 0 for a cache that holds the whole context (a decode step is
+    then query ``n_keys - 1``; a prefill chunk continues a cache that starts at 0), more for a
+    sliding-window layer's cache, which keeps only its last keys (see :func:`first_key`).
+    Query ``q`` keeps key ``k`` when ``k < sink`` or ``q - window < k <= q`` (absolute
+    positions). Keys after ``q`` are left to the causal mask. ``window >= 1`` keeps the
+    query's own key, so no row is ever empty.
     """
     if sink < 0 or window < 1:
         raise ValueError(f"need sink >= 0 and window >= 1, got sink={sink}, window={window}")
     if n_queries > n_keys:
         raise ValueError(f"{n_queries} queries cannot follow {n_keys} keys")
-    queries = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]  # [query, 1]
-    keys = torch.arange(n_keys, device=device)[None, :]  # [1, key]
+    keys = first_key + torch.arange(n_keys, device=device)[None, :]  # [1, key]
+    queries = keys[:, n_keys - n_queries :].T  # [query, 1]
     return (keys < sink) | (keys > queries - window)
+
+
+def first_key(model: HookedModel, scores: Tensor) -> int:
+    """The absolute position of key 0 of an attention-scores (or pattern) tensor
+    ``[..., query, key]`` of the forward pass now running.
+
+    The queries end at ``model.position_offset + n_queries - 1`` and the keys end there too, so
+    key 0 is ``that + 1 - n_keys``: 0 when the layer's cache holds the whole context, the
+    number of dropped keys for a sliding-window layer (Gemma 2/3: its cache keeps only the
+    last ``sliding_window`` keys, and a row's index is not a position)."""
+    return model.position_offset + scores.shape[-2] - scores.shape[-1]
 
 
 def window_hooks(model: HookedModel, heads: HeadLabels, sink: int, window: int) -> Hooks:
@@ -719,14 +741,16 @@ def window_hooks(model: HookedModel, heads: HeadLabels, sink: int, window: int) 
     for h in selected:
         h.check(model.n_layers, model.n_heads)
     return [
-        (model.hook_name(layer, "attn_scores"), _window_hook(_Index(hs), sink, window))
+        (model.hook_name(layer, "attn_scores"), _window_hook(model, _Index(hs), sink, window))
         for layer, hs in _by_layer(selected).items()
     ]
 
 
-def _window_hook(idx: _Index, sink: int, window: int):
+def _window_hook(model: HookedModel, idx: _Index, sink: int, window: int):
     def hook(scores: Float[Tensor, "batch head query key"], hook: Any) -> Tensor:
-        keep = window_mask(scores.shape[-2], scores.shape[-1], sink, window, scores.device)
+        n_queries, n_keys = scores.shape[-2], scores.shape[-1]
+        start = first_key(model, scores)
+        keep = window_mask(n_queries, n_keys, sink, window, scores.device, start)
         heads = idx.on(scores.device)
         sub = scores.index_select(1, heads).masked_fill(~keep, -math.inf)  # [batch, k, q, key]
         return scores.index_copy(1, heads, sub)

@@ -113,8 +113,10 @@ def lookup(name: str) -> RegistryEntry | None:
 def resolve(name: str) -> str | Path:
     """Where a registry name's model lives: a local ``Path`` or a hub id string.
 
-    Raises ``KeyError`` for an unknown name and ``ModelLoadError`` when a packaged model's
-    directory has not been built yet.
+    A real model shipped as a GGUF file is converted on the first call (its chunks assembled and
+    checked first) and found in the cache after that. Raises ``KeyError`` for an unknown name
+    and ``ModelLoadError`` when a packaged model's directory has not been built yet or its
+    package is not installed.
     """
     entry = MODELS.get(name)
     if entry is None:

@@ -192,6 +192,40 @@ def tiny_gpt2_dir(tmp_path_factory, word_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory, word_tokenizer) -> Path:
+    """Gemma 3 with a sliding window of 8 in layers 0 and 2, global attention in layer 1: what
+    Gemma-3-270M does with 512 (and its cache of a sliding layer holds only the window)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(WORDS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=256,
+        **_SPECIAL_IDS,
+    )
+    torch.manual_seed(SEED + 3)
+    model = Gemma3ForCausalLM(config)
+    _redraw_weights(model, SEED + 3)
+    return _save(model, word_tokenizer, tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_model(tiny_gemma3_dir):
+    from retrieval_heads import load_model
+
+    return load_model(tiny_gemma3_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def llama_model(tiny_llama_dir):
     from retrieval_heads import load_model
 

@@ -110,6 +110,31 @@ def test_window_hooks_in_prefill_chunks_use_absolute_positions(
     assert n_keys == N
 
 
+def test_windows_in_sliding_window_layers_use_absolute_positions(gemma3_model, random_ids):
+    """A sliding-window layer's cache holds only its last keys, so a row's index is not a
+    position: masks must be laid on absolute positions (layers 0 and 2 slide over 8 tokens,
+    layer 1 is global; the prompt is 24 tokens)."""
+    m = gemma3_model
+    assert m.layer_windows() == [8, None, 8]
+    ids = random_ids(N, seed=6)
+    base, base_logits = patterns(m, ids, [])
+    assert base[0].shape[-1] < N == base[1].shape[-1]
+    # A recent window as long as the sliding one hides nothing the sliding layers could see.
+    same = KVPolicy(frozenset({(1, 0)}), sink=0, window=8)
+    got, logits = patterns(m, ids, same.hooks(m)[1])
+    assert torch.equal(logits, base_logits)
+    assert all(torch.equal(got[layer], base[layer]) for layer in range(3))
+    # Sink 2 + window 3 everywhere: the sink is long gone from a sliding layer's cache, so its
+    # rows keep exactly the last 3 keys; the global layer keeps positions 0, 1 and 21-23.
+    small = KVPolicy(frozenset(), sink=2, window=3)
+    got, _ = patterns(m, ids, small.hooks(m)[1])
+    for layer in (0, 2):
+        row = got[layer]  # [head, keys]
+        assert (row[:, :-3] == 0).all() and (row[:, -3:] > 0).all()
+    kept = (got[1] > 0).nonzero()[:, 1].unique().tolist()
+    assert kept == [0, 1, 21, 22, 23]
+
+
 def test_kv_share_counts_kv_heads_under_gqa(gqa_model):
     m = gqa_model
     policy = KVPolicy(frozenset({(1, 0)}), sink=4, window=16)
