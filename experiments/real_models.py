@@ -162,9 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep-depths", default="10,37,63,90", help="held-out depths (10,37,63,90)")
     p.add_argument("--kv-ks", default=None, help="full KV heads (default: by the model's size)")
     p.add_argument("--kv-draws", type=int, default=2, help="random KV draws per K (2)")
+    p.add_argument("--kv-depths", default="10,50,90", help="held-out depths of the curve")
     p.add_argument("--kv-window", type=int, default=64, help="recent tokens kept (64)")
     p.add_argument("--cot-k", type=int, default=10, help="heads masked for chain of thought (10)")
-    p.add_argument("--cot-draws", type=int, default=2, help="random draws for it (2)")
+    p.add_argument("--cot-draws", type=int, default=1, help="random draws for it (1)")
     p.add_argument("--max-cot", type=int, default=160, help="tokens for a CoT answer (160)")
     args = p.parse_args(argv)
 
@@ -177,16 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
     seed = ["--seed", str(args.seed)]
     grid = ["--lengths", args.lengths, "--n-depths", str(args.n_depths)]
     grid += ["--n-needles", str(args.n_needles)]
-    held_out = [
-        "--sweep-lengths",
-        args.sweep_lengths,
-        "--sweep-depths",
-        args.sweep_depths,
-        "--sweep-needles",
-        str(args.sweep_needles),
-        "--seed",
-        str(args.seed),
-    ]
+
+    def held_out(depths: str) -> list[str]:
+        """Trials of another seed than detection's, so heads are not tested where chosen."""
+        return ["--sweep-lengths", args.sweep_lengths, "--sweep-depths", depths,
+                "--sweep-needles", str(args.sweep_needles), "--seed", str(args.seed)]  # fmt: skip
+
     ks, kv_ks = default_ks(args.model)
     ks, kv_ks = args.ks or ks, args.kv_ks or kv_ks
     say(f"{args.model}: K-sweep K = {ks}; KV-cache full KV heads K = {kv_ks}")
@@ -216,13 +213,15 @@ def main(argv: list[str] | None = None) -> dict:
             import causal_sweep
 
             sweep = ["--ks", f"0,{ks}", "--draws", str(args.draws), "--matched"]
-            causal_sweep.main([*model, *sweep, *held_out, "--out", str(out / "causal")])
+            trials = held_out(args.sweep_depths)
+            causal_sweep.main([*model, *sweep, *trials, "--out", str(out / "causal")])
         elif stage == "kv":
             import kv_cache
 
             curve = ["--ks", f"0,{kv_ks}", "--draws", str(args.kv_draws)]
             curve += ["--window", str(args.kv_window)]
-            kv_cache.main([*model, *curve, *held_out, "--out", str(out / "kv")])
+            trials = held_out(args.kv_depths)
+            kv_cache.main([*model, *curve, *trials, "--out", str(out / "kv")])
         elif stage == "cot":
             if not registry.default_chat(args.model):
                 say("cot: skipped (the chain-of-thought comparison is for instruct models)")
@@ -284,10 +283,6 @@ def gather(out: Path, model: str) -> dict:
     return summary
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _layer_table(layers: dict) -> str:
     from retrieval_heads import analysis
 
@@ -320,6 +315,11 @@ def _layer_table(layers: dict) -> str:
 
 def tables(out: Path, model: str) -> str:
     """The stages' own tables in one Markdown file, for docs/real-models.md."""
+    import json
+
+    def section(title: str, body: str) -> str:
+        return f"## {title}\n\n```\n{body.strip()}\n```"
+
     parts = [f"# {model}: the stages' tables ({out})"]
     for title, name in (
         ("Sparsity and top heads", "sparse/table.txt"),
@@ -329,15 +329,10 @@ def tables(out: Path, model: str) -> str:
         ("Chain of thought vs facts", "cot/table.txt"),
     ):
         if (out / name).is_file():
-            parts += [f"## {title}", "```", (out / name).read_text().rstrip(), "```"]
+            parts.append(section(title, (out / name).read_text()))
     if (out / "layers.json").is_file():
-        import json
-
-        layers = json.loads((out / "layers.json").read_text())
-        parts += ["## Layers", "```", _layer_table(layers), "```"]
+        parts.append(section("Layers", _layer_table(json.loads((out / "layers.json").read_text()))))
     if (out / "scorers.json").is_file():
-        import json
-
         agree = json.loads((out / "scorers.json").read_text())
         k = agree["k"]
         rows = [
@@ -345,5 +340,9 @@ def tables(out: Path, model: str) -> str:
             f"top-{k} Jaccard {v[f'jaccard_top{k}']:.2f}"
             for pair, v in agree["pairs"].items()
         ]
-        parts += ["## Scorer agreement", "```", *rows, "```"]
+        parts.append(section("Scorer agreement", "\n".join(rows)))
     return "\n\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    main()
