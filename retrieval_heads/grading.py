@@ -139,6 +139,22 @@ def grade(
     return Grade(passed=passed, recall=recall, exact=exact, substring=substring, reason=reason)
 
 
+#: Words whose overlap with the answer says nothing: "The key is hidden in the kitchen" shares
+#: "the" with "under the blue flowerpot", which makes it no partial answer.
+FUNCTION_WORDS = frozenset(
+    "a an the of in on at to for from by with and or is are was were be it its this that "
+    "there these those as".split()
+)
+
+
+def _shares_content_word(prediction: str, answer: str | Sequence[str]) -> bool:
+    """Whether the prediction has a word of the answer that is not a function word (ROUGE's
+    stemmed tokens); an answer made only of function words counts them all."""
+    target = set(_rouge_tokens(" ".join(_refs(answer))))
+    content = target - FUNCTION_WORDS or target
+    return bool(content & set(_rouge_tokens(prediction)))
+
+
 def _degenerate(prediction: str) -> bool:
     """Nothing, or nothing but punctuation, or one word over and over."""
     words = _words(prediction)
@@ -160,7 +176,8 @@ def classify_failure(
     punctuation, or one word repeated), ``"distractor"`` (it matches a distractor needle's answer
     better than the target's), ``"cut_off"`` (the decode loop stopped it at its token budget,
     ``stopped_by="max_new_tokens"``, before it had answered: a budget too small for the model's
-    way of answering, not a retrieval failure), ``"partial"`` (some of the answer's words, not enough),
+    way of answering, not a retrieval failure), ``"partial"`` (a word of the answer that is not
+    a function word, :data:`FUNCTION_WORDS`) (some of the answer's words, not enough),
     ``"in_context"`` (the answer's words are absent but most of its words occur in ``context``:
     copied from the wrong place; needs ``context``), ``"not_in_context"`` (made up).
     """
@@ -175,7 +192,7 @@ def classify_failure(
             return "distractor"
     if stopped_by == BUDGET_STOP:
         return "cut_off"
-    if verdict.recall > 0 or verdict.substring > 0:
+    if verdict.substring > 0 or _shares_content_word(prediction, answer):
         return "partial"
     if context is not None:
         words = _rouge_tokens(prediction)

@@ -110,3 +110,15 @@ def test_an_answer_cut_by_the_budget_is_its_own_failure():
         == "distractor"
     )  # fmt: skip
     assert "cut_off" in FAILURE_KINDS
+
+
+def test_function_words_alone_do_not_make_a_partial_answer():
+    """SmolLM2 restating the question and naming the wrong place shares only "the" with the
+    answer: a made-up or misplaced answer, not a partial one."""
+    wrong = "The key to the garden shed hidden is the kitchen."
+    assert rouge1_recall(wrong, ANSWER) > 0  # ROUGE sees "the"
+    assert classify_failure(wrong, ANSWER) == "not_in_context"
+    context = "Nobody hides the key to the garden shed in the kitchen."
+    assert classify_failure(wrong, ANSWER, context=context) == "in_context"
+    assert classify_failure("beside the old gate", ANSWER) == "partial"  # "gate" is the answer's
+    assert classify_failure("the end", "the") == "partial"  # an answer of function words only
