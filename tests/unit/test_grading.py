@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from retrieval_heads.grading import (
     FAILURE_KINDS,
-    _shares_content_word,
     Grade,
+    _shares_content_word,
     classify_failure,
     exact_match,
     grade,
