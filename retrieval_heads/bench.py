@@ -8,7 +8,8 @@ number of generated tokens (no early stop) measures wall time and peak memory of
 ``a``  plain greedy generation: the Hugging Face model with its default attention (SDPA) and a
        KV cache (``model.generate``);
 ``b``  this project's scorer: ``score_trial`` (fast SDPA prefill, then every decode step through
-       TransformerLens hooks, scoring all heads);
+       the lean step ``HookedModel.step_rows``, which hands each layer's attention row to the
+       scorer without the bridge, scoring all heads);
 ``c``  the naive way: ``bridge.run_with_cache`` over the whole sequence at every step (only the
        ``hook_pattern`` activations cached), scoring from the cached patterns.
 
@@ -25,6 +26,13 @@ time cap; the table says so. ``--out FILE`` writes a markdown section between ma
 ``FILE`` and keeps the rest of the file.
 
 ``--quick`` runs tiny lengths in this process (no subprocesses; for the test suite).
+
+The real-model section (run after the table above; alone with ``--real-only``) times the decode
+step on SmolLM2-135M-Instruct when it is installed (``make real-models``), else on a random model
+of its shape (preset ``smollm2``): per generated token, ``(time with 32 new tokens - time with
+1) / 31`` (fastest of 3 each; the prefill cancels out) of plain HF greedy, the scorer with its lean
+decode step, and the scorer through the bridge (``score_trial(..., lean=False)``), at 1K and 4K
+tokens, in this process.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from typing import Any
 METHODS = ("a", "b", "c")
 METHOD_LABELS = {
     "a": "(a) plain greedy (HF SDPA + KV cache)",
-    "b": "(b) scorer (`score_trial`)",
+    "b": "(b) scorer (`score_trial`, lean decode)",
     "c": "(c) naive (`run_with_cache` per step)",
 }
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
@@ -101,6 +109,20 @@ PRESETS = {
         heads=8,
         kv_heads=2,
         vocab_size=32000,
+    ),
+    # SmolLM2-135M's shape, for the real-model section when the real model is not installed.
+    "smollm2": Preset(
+        "smollm2",
+        "SmolLM2-135M shape: 30 layers, d_model 576, 9 heads (d_head 64) sharing 3 kv heads, "
+        "d_mlp 1536, vocab 49152, tied embeddings",
+        hidden_size=576,
+        intermediate_size=1536,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        tie_embeddings=True,
     ),
     # Llama-3.2-1B's shape: 16 layers, d_model 2048, 32 heads sharing 8 kv heads, ~1.24B params.
     "1b": Preset(
@@ -921,6 +943,180 @@ def write_section(path: Path, key: str, body: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The real-model section: the decode step's cost per token
+
+REAL_MODEL = "smollm2-135m-instruct"
+REAL_LENGTHS = (1024, 4096)
+REAL_NEW_TOKENS = 32
+REAL_REPEATS = 3
+REAL_WARMUP_LENGTH = 256  # room for a chat template around the needle
+TARGET_REAL_RATIO = 1.1
+REAL_METHODS = {
+    "plain": "plain greedy (HF SDPA + KV cache)",
+    "lean": "scorer, lean decode (`step_rows`)",
+    "bridge": "scorer through the bridge (`step` + `hook_pattern`)",
+}
+
+
+def _real_setup(device: str, lengths: list[int], workdir: Path, log) -> tuple[Any, Path, dict, str]:
+    """(hooked model, HF folder, {length: Trial}, description): the real model when installed,
+    else a random model of its shape with the tiny world's prompts."""
+    from retrieval_heads import registry
+    from retrieval_heads.haystack import Trial
+    from retrieval_heads.model import load_model
+
+    if registry.state(REAL_MODEL).startswith("installed"):
+        from retrieval_heads.trials import make_trials
+
+        model = load_model(REAL_MODEL, device=device, dtype="float32")
+        folder = Path(registry.resolve(REAL_MODEL))
+        trials = {
+            length: make_trials(model, lengths=[length], depths=[50], n_needles=1)[0]
+            for length in [REAL_WARMUP_LENGTH, *lengths]
+        }
+        what = (
+            "SmolLM2-135M-Instruct (`smollm2-135m-instruct`: its Q4_1 GGUF dequantised), "
+            "float32, needle prompts in its chat template"
+        )
+        return model, folder, trials, what
+    log(f"{REAL_MODEL} is not installed: a random model of its shape")
+    preset = PRESETS["smollm2"]
+    folder = build_model_dir(workdir / "model", preset, 8192, "float32", device)
+    model = load_model(folder, device=device, dtype="float32")
+    raw = build_trials(folder, [REAL_WARMUP_LENGTH, *lengths])
+    trials = {int(k): Trial.from_dict(v) for k, v in raw.items()}
+    what = f"random-initialised `LlamaForCausalLM`, {preset.description}; float32"
+    return model, folder, trials, what
+
+
+def run_real(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    """Per-token decode cost of plain greedy, the lean scorer and the bridge scorer."""
+    import torch
+
+    from retrieval_heads.scoring import DecodeConfig, score_trial
+
+    lengths = sorted(args.real_lengths)
+    started = time.perf_counter()
+    machine = machine_info(args.device)
+    with tempfile.TemporaryDirectory(prefix="rh-bench-real-") as tmp:
+        model, folder, trials, what = _real_setup(args.device, lengths, Path(tmp), log)
+        plain = _Runner("a", folder, args.device, "float32", 1)
+        lean_ok = model.lean_decode
+
+        def timed(method: str, length: int, n: int) -> tuple[float, list[int]]:
+            trial = trials[length]
+            if method == "plain":
+                plain.new_tokens = n
+                tokens, timings = plain.run(trial.to_dict())
+                return timings["total_s"], tokens
+            config = DecodeConfig(max_new_tokens=n, stop_at_eos=False, stop_strings=())
+            _sync(args.device)
+            began = time.perf_counter()
+            with torch.no_grad():
+                record = score_trial(model, trial, config, lean=method == "lean")
+            _sync(args.device)
+            return time.perf_counter() - began, list(record.generated_ids)
+
+        for method in REAL_METHODS:  # warm-up: first-call costs out of the timings
+            timed(method, REAL_WARMUP_LENGTH, 2)
+        n_max = args.real_new_tokens
+        rows = []
+        for length in lengths:
+            best: dict[tuple[str, int], float] = {}
+            tokens: dict[str, list[int]] = {}
+            # Methods alternate within each round, so a busy spell hits all of them.
+            for round_ in range(args.real_repeats):
+                for method in REAL_METHODS:
+                    for n in (1, n_max):
+                        seconds, got = timed(method, length, n)
+                        best[method, n] = min(best.get((method, n), seconds), seconds)
+                        if n == n_max:
+                            tokens[method] = got
+                log(
+                    f"  real @ {length} (round {round_ + 1}/{args.real_repeats}): "
+                    + ", ".join(f"{m} {best[m, n_max]:.2f} s" for m in REAL_METHODS)
+                )
+            for method in REAL_METHODS:
+                rows.append(
+                    {
+                        "method": method,
+                        "length": length,
+                        "prompt_tokens": trials[length].context_length,
+                        "t1_s": best[method, 1],
+                        "tn_s": best[method, n_max],
+                        "ms_per_token": 1000
+                        * (best[method, n_max] - best[method, 1])
+                        / (n_max - 1),
+                        "same_tokens": tokens[method] == tokens["plain"],
+                    }
+                )
+    return {
+        "machine": machine,
+        "model": what,
+        "device": args.device,
+        "lengths": lengths,
+        "new_tokens": n_max,
+        "repeats": args.real_repeats,
+        "lean_decode": lean_ok,
+        "wall_s": time.perf_counter() - started,
+        "command": "python -m retrieval_heads.bench " + " ".join(args.argv),
+        "results": rows,
+    }
+
+
+def render_real(data: dict[str, Any]) -> str:
+    """The real-model section: per-token decode cost against plain greedy."""
+    m, v = data["machine"], data["machine"]["versions"]
+    n = data["new_tokens"]
+    load = m.get("load_average")
+    by = {(r["method"], r["length"]): r for r in data["results"]}
+    lines = [
+        f"### {data['device'].upper()} · real model · per-token decode cost",
+        "",
+        f"- **Model**: {data['model']}; device `{data['device']}`.",
+        f"- **Machine**: {m['cpu']}"
+        + (f", {m['gpu']}" if m.get("gpu") else "")
+        + f"; {m['logical_cores']} logical cores, torch threads {m['torch_threads']}; "
+        f"{m['os']}; Python {m['python']}.",
+        f"- **Versions**: torch {v['torch']}, transformers {v['transformers']}, "
+        f"transformer_lens {v['transformer-lens']}.",
+        f"- **Date**: {m['date']}; load average when it began "
+        + (", ".join(f"{x:.2f}" for x in load) if load else "unknown")
+        + f"; the section took {data['wall_s'] / 60:.1f} min.",
+        f"- **Command**: `{data['command']}`",
+        f"- **Runs**: per token = (time with {n} new tokens − time with 1) / {n - 1}, each the "
+        f"fastest of {data['repeats']} (methods alternating), in one process after a warm-up; "
+        "no early stop. Lean decode "
+        + ("on." if data["lean_decode"] else "**unavailable** (the lean rows fell back)."),
+        "",
+        f"| context | method | 1 token (s) | {n} tokens (s) | per token (ms) | ÷ plain "
+        "| same tokens as plain |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for length in data["lengths"]:
+        ref = by[("plain", length)]["ms_per_token"]
+        for method, label in REAL_METHODS.items():
+            r = by[(method, length)]
+            ratio = r["ms_per_token"] / ref if ref > 0 else float("nan")
+            lines.append(
+                f"| {_fmt_len(length)} ({r['prompt_tokens']}) | {label} | {r['t1_s']:.2f} "
+                f"| {r['tn_s']:.2f} | {r['ms_per_token']:.1f} "
+                f"| {'–' if method == 'plain' else f'{ratio:.2f}'} "
+                f"| {'–' if method == 'plain' else ('yes' if r['same_tokens'] else '**no**')} |"
+            )
+    lines += ["", "**Target** (from the table above):", ""]
+    for length in data["lengths"]:
+        ref = by[("plain", length)]["ms_per_token"]
+        ratio = by[("lean", length)]["ms_per_token"] / ref if ref > 0 else float("nan")
+        verdict = "**met**" if ratio <= TARGET_REAL_RATIO else "**missed**"
+        lines.append(
+            f"- lean scorer / plain greedy per token at {_fmt_len(length)} ≤ "
+            f"{TARGET_REAL_RATIO}: {verdict} ({ratio:.2f})."
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -989,6 +1185,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run everything in this process (faster; memory numbers not isolated)",
     )
+    parser.add_argument(
+        "--real-only",
+        action="store_true",
+        help="only the real-model section (per-token decode cost on SmolLM2-135M-Instruct, or "
+        "a random model of its shape when it is not installed)",
+    )
+    parser.add_argument(
+        "--no-real", action="store_true", help="skip the real-model section (default: run it)"
+    )
+    parser.add_argument(
+        "--real-lengths",
+        type=_lengths,
+        default=list(REAL_LENGTHS),
+        help="context lengths of the real-model section (default 1024,4096)",
+    )
+    parser.add_argument(
+        "--real-new-tokens",
+        type=int,
+        default=REAL_NEW_TOKENS,
+        help=f"new tokens of the long runs of the real-model section (default {REAL_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--real-repeats",
+        type=int,
+        default=REAL_REPEATS,
+        help=f"runs per timing in the real-model section, fastest kept (default {REAL_REPEATS})",
+    )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1009,6 +1232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.new_tokens < 1:
         parser.error("--new-tokens must be at least 1")
+    if args.real_new_tokens < 2:
+        parser.error("--real-new-tokens must be at least 2")
+    if args.quick:
+        args.no_real = True  # the test suite's mode: seconds, not minutes
     return args
 
 
@@ -1033,15 +1260,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
-    data = run_benchmark(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    body = render(data)
-    print(body)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    raw: dict[str, Any] = {}
+    if not args.real_only:
+        data = run_benchmark(args, log=log)
+        body = render(data)
+        print(body)
+        raw = data
+        if args.out:
+            write_section(args.out, section_key(args.device, args.preset), body)
+            print(f"wrote {args.out}", file=sys.stderr)
+    if args.real_only or not args.no_real:
+        real = run_real(args, log=log)
+        body = render_real(real)
+        print(body)
+        raw = real if args.real_only else {**raw, "real": real}
+        if args.out:
+            write_section(args.out, section_key(args.device, "real"), body)
+            print(f"wrote {args.out}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=1))
-    if args.out:
-        write_section(args.out, section_key(args.device, args.preset), body)
-        print(f"wrote {args.out}", file=sys.stderr)
+        args.json.write_text(json.dumps(raw, indent=1))
     return 0
 
 

@@ -14,6 +14,10 @@ A KV cache filled by one path continues exactly in the other, so:
   its ``DynamicCache``;
 * ``step(state, token)`` runs one token through the bridge with that cache, so every hook
   fires with query length 1 and O(context) memory;
+* ``step_rows(state, token, sink)`` runs one token through the twin instead, with an attention
+  function (``_rows_attention``) that hands each layer's attention row of the new query to
+  ``sink``: what the scorer needs, at about the cost of plain decoding (no bridge, and no
+  copy of the KV cache per query head as in eager attention);
 * ``prefill(ids, fwd_hooks=...)``, ``attention_rows`` and ``head_outputs`` run the bridge in
   chunks of ``chunk_size`` tokens over the cache, so hooks fire with memory bounded by
   chunk x context.
@@ -21,12 +25,15 @@ A KV cache filled by one path continues exactly in the other, so:
 The twin is checked against the bridge on a short probe when the model is loaded; if they
 disagree, or the weights are later replaced (``enable_compatibility_mode`` folds weights
 into new tensors), or the model is spread over several devices, the fast path is switched
-off and prefill falls back to the chunked bridge (same numbers, slower).
+off and prefill falls back to the chunked bridge (same numbers, slower). ``step_rows`` is
+checked the same way (its rows and logits against the bridge's) the first time it is asked
+for; where it cannot run (``lean_decode`` is False), callers use ``step`` with pattern hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import json
 import logging
@@ -59,6 +66,8 @@ log = logging.getLogger(__name__)
 # A TransformerLens forward hook: fn(activation, hook=HookPoint) -> activation | None.
 HookFn = Callable[..., Any]
 FwdHooks = Iterable[tuple[str | Callable[[str], bool], HookFn]]
+# What step_rows hands each layer's attention row of the new query to: sink(layer, row).
+RowSink = Callable[[int, Float[Tensor, "batch head key"]], None]
 
 DEFAULT_CHUNK_SIZE = 512
 # Chosen positions closer than this are run through the bridge as one segment.
@@ -197,6 +206,88 @@ def _segments(positions: Sequence[int], gap: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------------------
+# The lean decode step: attention rows without the bridge
+
+# The name the twin's config switches to for a lean step (registered with transformers'
+# attention and mask interfaces on first use).
+_ROWS_ATTENTION = "retrieval_heads_rows"
+# The sink of the lean step now running. A context variable, not a forward kwarg: it reaches
+# the attention function whatever a model's forward does with extra kwargs.
+_ROW_SINK: contextvars.ContextVar[RowSink | None] = contextvars.ContextVar(
+    "retrieval_heads_row_sink", default=None
+)
+
+
+def _rows_attention(
+    module: torch.nn.Module,
+    query: Float[Tensor, "batch head 1 d"],
+    key: Float[Tensor, "batch kv_head key d"],
+    value: Float[Tensor, "batch kv_head key d_v"],
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Float[Tensor, "batch 1 head d_v"], Float[Tensor, "batch head 1 key"]]:
+    """Eager attention for one query, grouped by kv head, that hands its probabilities to the
+    current row sink.
+
+    Same arithmetic as transformers' eager attention (scale, softcap, mask, float32 softmax,
+    probabilities @ values), but the query heads of a group are laid out against their shared
+    kv head (``[batch, kv_head, group, d]``) instead of copying the keys and values to every
+    query head (``repeat_kv``). The mask already holds causal and sliding-window masking
+    (``sliding_window`` is only informative here); the cache of a sliding layer holds just
+    the window, so such a row covers the last ``key`` positions only.
+    """
+    sink = _ROW_SINK.get()
+    batch, n_heads, q_len, d = query.shape
+    if sink is None or q_len != 1:
+        raise RuntimeError("the lean attention runs one query inside HookedModel.step_rows")
+    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError("attention sinks and position biases are not supported")
+    n_kv, n_keys = key.shape[1], key.shape[2]
+    group = n_heads // n_kv
+    q = query.reshape(batch, n_kv, group, d)  # [batch, kv_head, group, d]
+    scale = d**-0.5 if scaling is None else scaling
+    scores = torch.matmul(q, key.transpose(-1, -2)) * scale  # [batch, kv_head, group, key]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -1, :n_keys]  # [batch, 1 or head, key]
+        # Shared by all heads: broadcast; per head: the same grouping as the query.
+        mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(batch, n_kv, group, -1)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    # float32 softmax, back to the model's dtype, as eager attention does
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value)  # [batch, kv_head, group, d_v]
+    rows = probs.reshape(batch, n_heads, n_keys)  # query head h = kv_head * group + g
+    sink(module.layer_idx, rows)
+    return out.reshape(batch, 1, n_heads, -1), rows[:, :, None]
+
+
+_rows_registered = False
+
+
+def _register_rows_attention() -> None:
+    """Make ``_ROWS_ATTENTION`` a valid ``config._attn_implementation``: the attention
+    function, and SDPA's mask builder (a bool mask, or none for full attention at query length
+    1; an unknown name would get no mask at all, losing the sliding windows)."""
+    global _rows_registered
+    if _rows_registered:
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(_ROWS_ATTENTION, _rows_attention)
+    AttentionMaskInterface.register(_ROWS_ATTENTION, sdpa_mask)
+    _rows_registered = True
+
+
+# --------------------------------------------------------------------------------------------
 # HookedModel
 
 
@@ -252,6 +343,9 @@ class HookedModel:
         self.fast_prefill_reason: str | None = "disabled by the caller"
         if fast_prefill:
             self._setup_fast_path()
+        # Why step_rows cannot run (None: it can); probed against the bridge on first use.
+        self.lean_decode_reason: str | None = None
+        self._lean_checked = False
 
     # ---- shape --------------------------------------------------------------------------
 
@@ -533,15 +627,8 @@ class HookedModel:
             logits, cache = self._extend(ids, cache, 0)
         return DecodeState(cache=cache, position=ids.shape[1], last_logits=logits)
 
-    @torch.no_grad()
-    def step(
-        self, state: DecodeState, token: Int[Tensor, " batch"], fwd_hooks: FwdHooks = ()
-    ) -> Float[Tensor, "batch vocab"]:
-        """Feed one token per row through the bridge; every hook fires with query length 1.
-
-        Updates ``state`` in place and returns the new ``last_logits``. During the hooks,
-        ``position_offset`` is the token's absolute position (``state.position`` before).
-        """
+    def _step_token(self, state: DecodeState, token: Int[Tensor, " batch"]) -> Tensor:
+        """``token`` as ``[batch]`` on the model's device, checked to fit in ``n_ctx``."""
         token = torch.as_tensor(token, device=self.device)
         if token.ndim == 0:
             token = token[None]
@@ -551,12 +638,143 @@ class HookedModel:
             raise ContextLengthError(
                 f"decoding past n_ctx={self.n_ctx}: stop earlier or load with a larger n_ctx"
             )
+        return token
+
+    @torch.no_grad()
+    def step(
+        self, state: DecodeState, token: Int[Tensor, " batch"], fwd_hooks: FwdHooks = ()
+    ) -> Float[Tensor, "batch vocab"]:
+        """Feed one token per row through the bridge; every hook fires with query length 1.
+
+        Updates ``state`` in place and returns the new ``last_logits``. During the hooks,
+        ``position_offset`` is the token's absolute position (``state.position`` before).
+        """
+        token = self._step_token(state, token)
         logits, state.cache = self._bridge_forward(
             token[:, None], state.cache, state.position, fwd_hooks
         )
         state.position += 1
         state.last_logits = logits
         return logits
+
+    # ---- the lean decode step -----------------------------------------------------------
+
+    @property
+    def lean_decode(self) -> bool:
+        """Whether :meth:`step_rows` can run now: the SDPA twin is up, no hook is attached to
+        the bridge (it would not fire), and the lean step matched the bridge on a probe (run
+        once, on first use; :attr:`lean_decode_reason` says why not)."""
+        if not self.fast_prefill:
+            self.lean_decode_reason = self.fast_prefill_reason
+            return False
+        if self._has_active_hooks():
+            return False
+        if not self._lean_checked:
+            self._lean_checked = True
+            self.lean_decode_reason = self._probe_lean()
+            if self.lean_decode_reason is not None:
+                log.info(
+                    "lean decode off: %s; decode steps run the bridge", self.lean_decode_reason
+                )
+        return self.lean_decode_reason is None
+
+    @torch.no_grad()
+    def step_rows(
+        self, state: DecodeState, token: Int[Tensor, " batch"], sink: RowSink
+    ) -> Float[Tensor, "batch vocab"]:
+        """Feed one token per row through the SDPA twin, handing every layer's attention row
+        of that token to ``sink(layer, row)``, ``row: Float[Tensor, "batch head key"]``.
+
+        The rows are what ``blocks.{layer}.attn.hook_pattern`` holds in :meth:`step`
+        (``pattern[:, :, -1]``), computed at about the cost of the attention itself: no
+        bridge, no TransformerLens hooks, no copy of the KV cache per query head. With
+        ``p = state.position`` before the call (the token's position) and ``n = row.shape[-1]``,
+        key ``j`` of a row is absolute position ``p - n + 1 + j``: the whole context for full
+        attention, the last ``sliding_window`` positions in a sliding-window layer (its cache
+        holds no more). Each row is a new tensor, free to keep.
+        Updates ``state`` as :meth:`step` does.
+
+        Hooks attached to the bridge do not fire here. Check :attr:`lean_decode` before a run
+        of steps (it also says whether hooks are attached, and whether the weights were
+        replaced): only the probe is checked on every step, as the full check costs about a
+        millisecond a step. Raises ``RuntimeError`` where the probe failed (use :meth:`step`
+        with ``hook_pattern`` hooks there).
+        """
+        probed = self._fast is not None and self._lean_checked
+        if not (probed and self.lean_decode_reason is None) and not self.lean_decode:
+            why = (
+                "hooks are attached to the bridge (they would not fire)"
+                if self._has_active_hooks()
+                else self.lean_decode_reason
+            )
+            raise RuntimeError(f"step_rows cannot run: {why}; use step() with pattern hooks")
+        return self._lean_step(state, token, sink)
+
+    def _lean_step(
+        self, state: DecodeState, token: Int[Tensor, " batch"], sink: RowSink
+    ) -> Float[Tensor, "batch vocab"]:
+        assert self._fast is not None
+        token = self._step_token(state, token)
+        _register_rows_attention()
+        # Only the twin's own (deep-copied) config switches, and only for this step: prefill
+        # stays SDPA, and the bridge's model never sees the lean attention.
+        config = self._fast.config
+        before = config._attn_implementation
+        sink_token = _ROW_SINK.set(sink)
+        config._attn_implementation = _ROWS_ATTENTION
+        try:
+            logits, state.cache = self._fast_forward(token[:, None], state.cache)
+        finally:
+            config._attn_implementation = before
+            _ROW_SINK.reset(sink_token)
+        state.position += 1
+        state.last_logits = logits
+        return logits
+
+    @torch.no_grad()
+    def _probe_lean(self) -> str | None:
+        """Why the lean step cannot stand in for the bridge's (None: it can): one decode step
+        on a short probe, rows and logits against the bridge's ``hook_pattern`` and logits."""
+        n = min(8, self.n_ctx)
+        if n < 2:
+            return "the context is too short to check the lean step"
+        ids = ((torch.arange(1, n + 1, device=self.device) * 7919) % self.d_vocab)[None]
+        lean: dict[int, Tensor] = {}
+        try:
+            state = self.prefill(ids[:, :-1])
+            fast = self._lean_step(
+                state, ids[:, -1], lambda layer, row: lean.__setitem__(layer, row.clone())
+            )
+            expected: dict[int, Tensor] = {}
+
+            def keep(layer: int) -> HookFn:
+                def hook(pattern: Tensor, hook: Any) -> None:
+                    expected[layer] = pattern[:, :, -1].clone()  # [batch, head, key]
+
+                return hook
+
+            hooks = [
+                (self.hook_name(layer, "pattern"), keep(layer)) for layer in range(self.n_layers)
+            ]
+            state = self.prefill(ids[:, :-1])
+            slow = self.step(state, ids[:, -1], fwd_hooks=hooks)
+        except Exception as exc:  # an attention the lean function cannot stand in for
+            return f"the lean decode step failed ({type(exc).__name__}: {exc})"
+        if sorted(lean) != list(range(self.n_layers)):
+            return f"the lean step saw the attention of layers {sorted(lean)} only"
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        for layer, row in lean.items():
+            want = expected.get(layer)
+            if want is None or want.shape != row.shape:
+                return f"layer {layer}: lean rows {tuple(row.shape)} against the bridge's pattern"
+            diff = (row.float() - want.float()).abs().max().item()
+            if not diff <= tol:
+                return f"the lean rows disagree with the bridge's (layer {layer}: {diff:.3g})"
+        scale = max(1.0, slow.abs().max().item())
+        diff = (fast.float() - slow.float()).abs().max().item()
+        if not diff <= 10 * tol * scale:
+            return f"the lean step's logits disagree with the bridge's ({diff:.3g})"
+        return None
 
     @torch.no_grad()
     def logits(self, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
@@ -604,7 +822,9 @@ class HookedModel:
                 picked = activation.index_select(
                     pos_dim, torch.tensor(rows, device=activation.device)
                 )
-                sink(layer, [index_of[start + r] for r in rows], picked)
+                # Patterns [batch, head, query, key]: the keys end at the chunk's last query.
+                first_key = start + n - activation.shape[-1] if pos_dim == 2 else 0
+                sink(layer, [index_of[start + r] for r in rows], picked, first_key)
 
         return hook
 
@@ -624,14 +844,16 @@ class HookedModel:
         out: Tensor | None = None
         wanted_holder: list[int] = []
 
-        def sink(layer: int, idx: list[int], picked: Tensor) -> None:
+        def sink(layer: int, idx: list[int], picked: Tensor, first_key: int) -> None:
             nonlocal out
-            # picked: [1, head, rows, keys so far]
+            # picked: [1, head, rows, keys]; a sliding-window layer's cache holds only its last
+            # keys, so key 0 of its rows is position first_key, not 0.
             if out is None:
                 out = torch.zeros(
                     self.n_layers, self.n_heads, len(wanted_holder), seq_len, device=picked.device
                 )
-            out[layer][:, idx, : picked.shape[-1]] = picked[0].float()
+            n_keys = picked.shape[-1]
+            out[layer][:, idx, first_key : first_key + n_keys] = picked[0].float()
 
         def make_hooks(wanted, index_of):
             wanted_holder.extend(wanted)
@@ -662,7 +884,7 @@ class HookedModel:
         z_out: Tensor | None = None
         n_pos: list[int] = []
 
-        def sink(layer: int, idx: list[int], picked: Tensor) -> None:
+        def sink(layer: int, idx: list[int], picked: Tensor, first_key: int) -> None:
             nonlocal z_out
             # picked: [1, rows, head, d_head]
             if z_out is None:

@@ -7,9 +7,12 @@ answer positions it copied divided by the span length, ``|g_h ∩ k| / |k|``
 (``count_repeats=True`` reproduces the reference code, which adds ``1/|k|`` at every event).
 
 Memory is linear in context: the prompt is prefilled by the model's efficient kernel with no
-attention pattern kept, and only decode steps run through TransformerLens hooks, where the query
-length is 1 and each layer's pattern is ``[batch, head, 1, key]``. Each hook reduces its row at once
-to per-head statistics (argmax, top-k mass, span mass) and drops it.
+attention pattern kept, and only decode steps yield attention rows, where the query length is 1 and
+each layer's row is ``[batch, head, key]``. With no decode hooks the rows come from
+``HookedModel.step_rows`` (the efficient twin with a grouped-query attention function that hands
+its probabilities over: about the cost of plain decoding); with decode hooks (interventions) every
+step runs through the TransformerLens bridge and ``hook_pattern`` hooks take the rows. Each step's
+rows are reduced at once to per-head statistics (argmax, top-k mass, span mass) and dropped.
 
 Scorers, all from the same pass (each ``[layer, head]`` per trial, per query head):
 
@@ -36,7 +39,7 @@ from torch import Tensor
 
 from retrieval_heads.grading import classify_failure, grade
 from retrieval_heads.haystack import Trial
-from retrieval_heads.model import ContextLengthError, HookedModel
+from retrieval_heads.model import ContextLengthError, HookedModel, RowSink
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 
@@ -74,37 +77,73 @@ class DecodeConfig:
 
 @dataclass
 class _StepStats:
-    """Per-step reductions of every layer's attention row, filled by the pattern hooks."""
+    """Per-step reductions of every layer's attention row for the current query.
+
+    Rows arrive layer by layer (``add``, or the ``hook_pattern`` hook of ``hook``) and are
+    reduced together when the step ends (``flush``; ``new_step`` and ``_scores`` call it): rows
+    of one length are stacked into one ``[layer, head, key]`` tensor, so a step costs a handful
+    of tensor operations rather than a handful per layer.
+
+    ``first_query`` is the absolute position of the first step's query (``None``: each row
+    spans the whole context). A sliding-window layer's row covers only the last ``key``
+    positions (its KV cache holds no more), so its indices are shifted to absolute positions.
+    """
 
     n_layers: int
     n_heads: int
     span: tuple[int, int]
+    first_query: int | None = None
     argmax: list[Int[Tensor, "layer head"]] = field(default_factory=list)
     topk_mass: list[Float[Tensor, "layer head"]] = field(default_factory=list)
     span_mass: list[Float[Tensor, "layer head"]] = field(default_factory=list)
+    _pending: list[tuple[int, Float[Tensor, "head key"]]] = field(default_factory=list)
 
     def new_step(self, device: torch.device) -> None:
+        self.flush()
         shape = (self.n_layers, self.n_heads)
         self.argmax.append(torch.full(shape, -1, dtype=torch.long, device=device))
         self.topk_mass.append(torch.zeros(shape, device=device))
         self.span_mass.append(torch.zeros(shape, device=device))
 
+    def add(self, layer: int, row: Float[Tensor, "head key"]) -> None:
+        """Keep one layer's row of the current step (a ``step_rows`` sink forwards here)."""
+        self._pending.append((layer, row))
+
     def hook(self, layer: int) -> Callable:
+        """A ``hook_pattern`` hook feeding ``add`` from the bridge."""
+
+        def take_row(pattern: Float[Tensor, "batch head query key"], hook: Any) -> None:
+            # [head, key]: the current query's attention, copied as it is now (a later hook
+            # may change the pattern in place; the row is reduced when the step ends).
+            self.add(layer, pattern[0, :, -1, :].clone())
+
+        return take_row
+
+    def flush(self) -> None:
+        """Reduce the rows kept for the current step into its tables."""
+        if not self._pending:
+            return
         start, end = self.span
         k = end - start
-
-        def reduce_row(pattern: Float[Tensor, "batch head query key"], hook: Any) -> None:
-            row = pattern[0, :, -1, :].float()  # [head, key]: the current query's attention
-            # The tables live on the embedding's device; with a device map this layer may be
-            # on another GPU, so each [head] result is gathered there (a few bytes per layer).
-            table = self.argmax[-1].device
-            self.argmax[-1][layer] = row.argmax(dim=-1).to(table)
-            self.span_mass[-1][layer] = row[:, start:end].sum(dim=-1).to(table)
-            values, index = row.topk(min(k, row.shape[-1]), dim=-1)  # [head, k]
-            inside = (index >= start) & (index < end)
-            self.topk_mass[-1][layer] = (values * inside).sum(dim=-1).to(table)
-
-        return reduce_row
+        step = len(self.argmax) - 1
+        table = self.argmax[-1].device
+        by_length: dict[tuple[int, torch.device], list[tuple[int, Tensor]]] = {}
+        for layer, row in self._pending:
+            by_length.setdefault((row.shape[-1], row.device), []).append((layer, row))
+        self._pending = []
+        for (n_keys, _), group in by_length.items():
+            layers = [layer for layer, _ in group]
+            rows = torch.stack([row for _, row in group]).float()  # [layer, head, key]
+            # Absolute position of key 0: the query sees keys up to itself.
+            offset = 0 if self.first_query is None else self.first_query + step + 1 - n_keys
+            lo, hi = min(max(start - offset, 0), n_keys), min(max(end - offset, 0), n_keys)
+            values, index = rows.topk(min(k, n_keys), dim=-1)  # [layer, head, k]
+            inside = (index >= start - offset) & (index < end - offset)
+            # The tables live on the embedding's device; with a device map a layer may be on
+            # another GPU, so its results are gathered there (a few bytes per layer).
+            self.argmax[-1][layers] = (rows.argmax(dim=-1) + offset).to(table)
+            self.span_mass[-1][layers] = rows[..., lo:hi].sum(dim=-1).to(table)
+            self.topk_mass[-1][layers] = (values * inside).sum(dim=-1).to(table)
 
 
 def copy_events(
@@ -156,21 +195,30 @@ def greedy_decode(
     prefill_hooks: HookPairs | Sequence = (),
     decode_hooks: HookPairs | Sequence = (),
     before_step: Callable[[], None] | None = None,
+    row_sink: RowSink | None = None,
 ) -> tuple[list[int], str]:
     """Greedily answer the prompt ``ids``: ``(generated token ids, "stop" or "max_new_tokens")``.
 
     The last prompt token is fed as the first decode step, so the attention that produces the
     first answer token runs through ``decode_hooks`` too (as in the reference code). Stops at
     EOS or a stop string (that token is not returned) or after ``budget`` tokens;
-    ``before_step`` runs before every step, the stopping one included.
+    ``before_step`` runs before every step, the stopping one included. With ``row_sink`` (and
+    no ``decode_hooks``) the steps run ``model.step_rows`` instead of the bridge, handing each
+    layer's attention row to the sink.
     """
+    decode_hooks = list(decode_hooks)
+    if row_sink is not None and decode_hooks:
+        raise ValueError("decode hooks need the bridge: pass row_sink or decode_hooks, not both")
     state = model.prefill(ids[None, :-1], fwd_hooks=list(prefill_hooks))
     token = ids[-1:]
     generated: list[int] = []
     for _ in range(budget):
         if before_step is not None:
             before_step()
-        logits = model.step(state, token, fwd_hooks=list(decode_hooks))
+        if row_sink is not None:
+            logits = model.step_rows(state, token, row_sink)
+        else:
+            logits = model.step(state, token, fwd_hooks=decode_hooks)
         next_token = int(logits[0].argmax())
         if _is_stop(next_token, model, config):
             return generated, "stop"
@@ -185,16 +233,39 @@ def score_trial(
     trial: Trial,
     config: DecodeConfig | None = None,
     hooks: HooksFor | None = None,
+    *,
+    lean: bool | None = None,
 ) -> TrialRecord:
-    """Greedily answer one trial and score every head on it (see the module docstring)."""
+    """Greedily answer one trial and score every head on it (see the module docstring).
+
+    ``lean`` chooses how decode steps yield attention rows: ``None`` (default) the lean step
+    (``HookedModel.step_rows``) when no decode hook asks for the bridge and the model can
+    run it, else the bridge with ``hook_pattern`` hooks; ``False`` always the bridge;
+    ``True`` the lean step or an error. Both give the same record (up to float rounding in
+    the attention-mass tables).
+    """
     config = config or DecodeConfig()
     began = time.perf_counter()
     ids = torch.tensor(trial.input_ids, dtype=torch.long, device=model.device)  # [pos]
     prefill_hooks, decode_hooks = hooks(trial) if hooks else ([], [])
-    stats = _StepStats(model.n_layers, model.n_heads, trial.answer_span)
-    pattern_hooks = [
-        (model.hook_name(layer, "pattern"), stats.hook(layer)) for layer in range(model.n_layers)
-    ]
+    decode_hooks = list(decode_hooks)
+    stats = _StepStats(model.n_layers, model.n_heads, trial.answer_span, len(ids) - 1)
+    if lean is None:
+        lean = not decode_hooks and model.lean_decode
+    elif lean and decode_hooks:
+        raise ValueError("lean=True runs no decode hooks: they need the bridge (lean=False)")
+    if lean:
+        pattern_hooks: HookPairs = []
+
+        def row_sink(layer: int, row: Float[Tensor, "batch head key"]) -> None:
+            stats.add(layer, row[0])
+
+    else:
+        row_sink = None
+        pattern_hooks = [
+            (model.hook_name(layer, "pattern"), stats.hook(layer))
+            for layer in range(model.n_layers)
+        ]
     generated, stopped_by = greedy_decode(
         model,
         ids,
@@ -203,7 +274,9 @@ def score_trial(
         prefill_hooks=prefill_hooks,
         decode_hooks=[*pattern_hooks, *decode_hooks],
         before_step=lambda: stats.new_step(model.device),
+        row_sink=row_sink,
     )
+    stats.flush()
     if stopped_by == "stop":
         for table in (stats.argmax, stats.topk_mass, stats.span_mass):
             table.pop()  # the stop token is not part of the answer
@@ -250,6 +323,7 @@ def _scores(
     span: tuple[int, int],
     config: DecodeConfig,
 ) -> tuple[dict[str, list[list[float]]], list[tuple[int, int, int, int]]]:
+    stats.flush()
     shape = (stats.n_layers, stats.n_heads)
     if not generated:
         zeros = torch.zeros(shape).tolist()
