@@ -372,12 +372,18 @@ def grade_extractive(
     cot: bool = True,
     threshold: float = F1_THRESHOLD,
 ) -> QAGrade:
-    """Extractive QA: the best token F1 of the answer segment against any alias, passing at
-    ``threshold`` (default 0.5)."""
+    """Extractive QA (and facts from the weights): passes when the answer segment's best token
+    F1 against any alias reaches ``threshold`` (default 0.5), or when the segment contains an
+    alias as whole words after SQuAD's normalisation. A chat model answers in a sentence ("The
+    capital of Canada is Ottawa."), whose F1 against "Ottawa" is 0.33 although it is right."""
     answers = [answer] if isinstance(answer, str) else list(answer)
     segment, _ = final_answer(prediction, cot)
     segment = segment.rstrip(".")
     best = max(token_f1(segment, a) for a in answers)
+    padded = f" {_normalize(segment)} "
+    contained = [a for a in answers if _normalize(a) and f" {_normalize(a)} " in padded]
+    if contained:
+        return QAGrade(True, best, segment, f"contains {contained[0]!r} (token F1 {best:.2f})")
     ok = best >= threshold
     return QAGrade(ok, best, segment, f"token F1 {best:.2f} {'>=' if ok else '<'} {threshold:.2f}")
 

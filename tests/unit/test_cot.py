@@ -112,8 +112,16 @@ def test_grade_extractive():
     assert g.passed and g.score == 1.0 and g.extracted == "the Marlow canal"
     aliases = grade_extractive("Marlow", ["the Marlow canal", "Marlow"], cot=False)
     assert aliases.passed and aliases.score == 1.0
+    # A sentence that contains the answer passes, whatever its F1 (chat models answer so) ...
     long = grade_extractive("near the old harbour in the north of the town", "old harbour")
-    assert not long.passed and 0 < long.score < 0.5
+    assert long.passed and 0 < long.score < 0.5 and long.reason.startswith("contains")
+    sentence = grade_extractive("The capital of Canada is Ottawa.", "Ottawa", cot=False)
+    assert sentence.passed and sentence.score < 0.5
+    # ... as whole words only, and a wrong sentence still fails
+    assert not grade_extractive("Ottawas are a family of rivers", "Ottawa", cot=False).passed
+    assert not grade_extractive("It was John F. Kennedy.", "George Washington", cot=False).passed
+    near = grade_extractive("a harbour in the north, far from the old town", "old harbour")
+    assert not near.passed and 0 < near.score < 0.5  # both words, not the answer: F1 decides
 
 
 def test_final_answer_segments():
