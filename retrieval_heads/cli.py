@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
-    p = sub.add_parser("patch", help="activation patching per head (clean needle into corrupt)")
+    p = sub.add_parser(
+        "patch", help="activation patching per head (clean needle into corrupt; tiny models)"
+    )
     _add_model_args(p)
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--length", type=int, default=128)
@@ -341,9 +343,17 @@ def cmd_detect(args) -> int:
 
 def model_and_scores(args):
     """The model and the ``--scores`` detected on it (read first: a bad file fails fast)."""
+    import numpy as np
+
     from retrieval_heads.results import load_results
 
     _, scores, _ = load_results(args.scores)
+    if scores.n_passed == 0 or not np.isfinite(scores.mean).any():
+        raise ValueError(
+            f"{args.scores} holds no passing trial (every score is empty or NaN), so it ranks "
+            "no head: detect again until some trials pass (more --max-new-tokens, shorter "
+            "--lengths, --chat for a chat model)"
+        )
     model = load(args)
     if (scores.n_layers, scores.n_heads) != (model.n_layers, model.n_heads):
         raise ValueError(
@@ -432,9 +442,18 @@ def cmd_merge(args) -> int:
 def cmd_patch(args) -> int:
     import json
 
-    from retrieval_heads import causal
+    from retrieval_heads import causal, registry
     from retrieval_heads.results import atomic_write_text, load_results
 
+    entry = registry.lookup(args.model)
+    if entry is None or entry.world != "tiny":
+        raise ValueError(
+            f"patch builds its clean/corrupt needle pairs in the embedded model's synthetic "
+            f"world, which {args.model} does not speak: use --model tiny or tiny-short "
+            "(per-head patching on any model: retrieval_heads.interventions.patch_heads)"
+        )
+    if args.pairs < 1:
+        raise ValueError(f"--pairs must be at least 1, got {args.pairs}")
     model = load(args)
     effect = causal.patching_map(model, n_pairs=args.pairs, seed=args.seed, length=args.length)
     out = {"model": model.name, "pairs": args.pairs, "seed": args.seed, "effect": effect.tolist()}

@@ -131,6 +131,11 @@ class Needle:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise TrialError(f"needle {self.needle_id!r}: {name} must be a non-empty string")
+        if "\n" in self.answer or "\r" in self.answer:
+            raise TrialError(
+                f"needle {self.needle_id!r}: the answer {self.answer!r} holds a line break, but "
+                "decoding stops at the first newline: put the answer on one line"
+            )
         if self.answer not in self.text:
             raise TrialError(
                 f"needle {self.needle_id!r}: answer {self.answer!r} is not a substring of its "

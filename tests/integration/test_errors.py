@@ -919,6 +919,40 @@ def test_e51_chat_on_the_embedded_model(cli, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_e52_patch_outside_the_embedded_world(cli, tmp_path, tiny_llama_dir):
+    for model in (tiny_llama_dir, "smollm2-135m-instruct"):
+        run = cli("patch", "--model", model, "--out", tmp_path / "p")
+        assert_error(run, 2, r"patch builds its clean/corrupt needle pairs in the embedded model")
+    run = cli("patch", "--model", "tiny", "--pairs", "0", "--out", tmp_path / "p")
+    assert_error(run, 2, r"--pairs must be at least 1, got 0")
+    assert not (tmp_path / "p").exists()
+
+
+def test_e53_scores_without_a_passing_trial(cli, tmp_path):
+    """A detection where nothing passed ranks no head: a "top-K" over it would mask nothing."""
+    failed = tmp_path / "failed"
+    run = cli("detect", "--model", "tiny", *GRID, "--max-new-tokens", "1", "--out", failed)
+    assert run.code == 1
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({f"{la}-{h}": [] for la in range(8) for h in range(8)}))
+    before = snapshot(tmp_path)
+    for scores in (failed, empty):
+        for command in ("ablate", "kv-sim"):
+            run = cli(command, "--model", "tiny", *ONE, "--scores", scores, "--out", tmp_path / "o")
+            assert_error(run, 2, r"holds no passing trial \(every score is empty or NaN\)")
+    assert snapshot(tmp_path) == before
+
+
+def test_e54_needle_answer_with_a_line_break(cli, tmp_path, needles_file):
+    first = json.loads(needles_file.read_text().splitlines()[0])
+    text = first["needle"].replace(first["answer"], first["answer"] + "\nmore")
+    path = tmp_path / "n.jsonl"
+    path.write_text(json.dumps({**first, "needle": text, "answer": first["answer"] + "\nmore"}))
+    run = custom(cli, tmp_path, needles=path)
+    assert_error(run, 2, r"holds a line break, but decoding stops at the first newline")
+    assert not (tmp_path / "r").exists()
+
+
 def test_catalogue_rows_have_tests():
     """docs/errors.md and this module agree: every row names a test here (planned rows aside)."""
     rows = [line for line in DOC.read_text().splitlines() if re.match(r"\| E\d\d ", line)]
