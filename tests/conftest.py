@@ -191,10 +191,9 @@ def tiny_gpt2_dir(tmp_path_factory, word_tokenizer) -> Path:
     return _save(model, word_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
-@pytest.fixture(scope="session")
-def tiny_gemma3_dir(tmp_path_factory, word_tokenizer) -> Path:
-    """Gemma 3 with a sliding window of 8 in layers 0 and 2, global attention in layer 1: what
-    Gemma-3-270M does with 512 (and its cache of a sliding layer holds only the window)."""
+def _gemma3_dir(tmp_path_factory, tokenizer, *, layer_types, kv_heads: int, seed: int) -> Path:
+    """A small Gemma 3 with a sliding window of 8 where ``layer_types`` says so: what
+    Gemma-3-270M does with 512 (a sliding layer's cache then holds only its window)."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -202,20 +201,39 @@ def tiny_gemma3_dir(tmp_path_factory, word_tokenizer) -> Path:
         vocab_size=len(WORDS),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=3,
+        num_hidden_layers=len(layer_types),
         num_attention_heads=4,
-        num_key_value_heads=1,
+        num_key_value_heads=kv_heads,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=256,
+        layer_types=list(layer_types),
+        max_position_embeddings=512,
         **_SPECIAL_IDS,
     )
-    torch.manual_seed(SEED + 3)
+    torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config)
-    _redraw_weights(model, SEED + 3)
-    return _save(model, word_tokenizer, tmp_path_factory.mktemp("tiny-gemma3"))
+    _redraw_weights(model, seed)
+    return _save(model, tokenizer, tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory, word_tokenizer) -> Path:
+    """Sliding layers 0 and 2 around global layer 1; one KV head (as Gemma-3-270M)."""
+    layers = ["sliding_attention", "full_attention", "sliding_attention"]
+    return _gemma3_dir(
+        tmp_path_factory, word_tokenizer, layer_types=layers, kv_heads=1, seed=SEED + 3
+    )
+
+
+@pytest.fixture(scope="session")
+def gemma3_gqa_model(tmp_path_factory, word_tokenizer):
+    """Sliding and global layers alternating, 4 query heads on 2 KV heads."""
+    from retrieval_heads import load_model
+
+    layers = ["sliding_attention", "full_attention"] * 2
+    path = _gemma3_dir(tmp_path_factory, word_tokenizer, layer_types=layers, kv_heads=2, seed=7)
+    return load_model(path, device="cpu")
 
 
 @pytest.fixture(scope="session")

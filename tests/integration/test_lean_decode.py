@@ -22,42 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WINDOW = 8
 
 
-@pytest.fixture(scope="module")
-def gemma3_gqa_model(tmp_path_factory, word_tokenizer):
-    """Gemma 3 from a config: 4 layers (sliding, global, sliding, global), window 8, 4 query
-    heads on 2 kv heads, saved with the word tokenizer and loaded through ``load_model``."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from retrieval_heads.model import load_model
-
-    config = Gemma3TextConfig(
-        vocab_size=len(word_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    torch.manual_seed(7)
-    model = Gemma3ForCausalLM(config)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # far from uniform attention, as the conftest models
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            param.copy_(0.1 * noise if "norm" in name else 0.15 * noise)
-    path = tmp_path_factory.mktemp("tiny-gemma3")
-    model.save_pretrained(path)
-    word_tokenizer.save_pretrained(path)
-    return load_model(path, device="cpu")
-
-
 MODELS = ["llama_model", "gqa_model", "gpt2_model", "gemma3_gqa_model"]
 
 
