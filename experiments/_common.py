@@ -220,9 +220,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _check_output(path: Path) -> None:
+    """An experiment's file never lands on a results folder's own files (meta.json, trials/,
+    ...); rewriting its own earlier output is fine."""
+    from retrieval_heads.results import check_output_file
+
+    check_output_file(path, "experiment output", is_ours=lambda _: True)
+
+
 def write_json(path: Path, value: Any) -> Path:
     from retrieval_heads.results import atomic_write_text
 
+    _check_output(path)
     atomic_write_text(path, json.dumps(_clean(value), indent=2, allow_nan=False) + "\n")
     return path
 
@@ -230,12 +239,14 @@ def write_json(path: Path, value: Any) -> Path:
 def write_text(path: Path, text: str) -> Path:
     from retrieval_heads.results import atomic_write_text
 
+    _check_output(path)
     atomic_write_text(path, text)
     return path
 
 
 def write_figure(fig: Any, path: Path) -> Path:
     """A standalone HTML file (plotly.js inlined: opens offline)."""
+    _check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.write_html(str(path), include_plotlyjs=True, full_html=True)
     return path

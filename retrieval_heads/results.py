@@ -91,6 +91,8 @@ __all__ = [
     "read_meta",
     "provenance",
     "atomic_write_text",
+    "check_output_file",
+    "check_output_folder",
 ]
 
 SCHEMA_VERSION = 1
@@ -105,6 +107,8 @@ LOCK_FILE = ".lock"
 
 # Exact integers survive a trip through float64 only up to 2**53.
 _MAX_EXACT_INT = 2**53
+#: The most bootstrap resamples a stored file may ask for (the default is 1,000).
+MAX_RESAMPLES = 100_000
 # Score cells (trials x layers x heads) a file may ask for: 16 GB of float64.
 _MAX_CELLS = 2**31
 
@@ -894,6 +898,12 @@ class HeadScores:
             raise ResultsError(f"{where}: missing or malformed field ({exc!r})") from exc
         if len(passed) != len(ids) or not all(isinstance(p, bool) for p in passed):
             raise ResultsError(f"{where}: trials.passed must be one true/false per trial id")
+        if not 1 <= n_resamples <= MAX_RESAMPLES or not 0 < confidence < 1:
+            # an untrusted file must not make the bootstrap allocate without bound
+            raise ResultsError(
+                f"{where}: bootstrap n_resamples must be 1..{MAX_RESAMPLES} and confidence "
+                f"within (0, 1), got {n_resamples} and {confidence}"
+            )
         if not isinstance(per_trial, Mapping):
             raise ResultsError(f"{where}: per_trial must be an object")
         values = _table((len(ids), n_layers, n_heads), where)
@@ -1122,8 +1132,89 @@ def dumps_published(published: Mapping[str, list]) -> str:
 
 
 def write_published(scores: HeadScores, path: str | Path, *, passing_only: bool = True) -> None:
-    """Export ``scores`` to the published format, atomically."""
+    """Export ``scores`` to the published format, atomically (never over a run's own files)."""
+    check_output_file(path, "exported score file", is_ours=_is_published_file)
     atomic_write_text(path, dumps_published(export_published(scores, passing_only=passing_only)))
+
+
+def _is_published_file(path: Path) -> bool:
+    """Whether ``path`` holds scores in the published format (an earlier export)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and all(
+        isinstance(k, str) and k.replace("-", "", 1).isdigit() and "-" in k for k in data
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# what a results folder owns: no other writer may land on it
+
+#: Names a results folder (or its shards) owns, whether or not they exist yet: ``kv-sim``'s
+#: export (``kvcache.export_heads``) and ``patch``'s file included.
+OWNED_NAMES = frozenset(
+    {META_FILE, SCORES_FILE, TRIALS_FILE, TRIALS_DIR, LOCK_FILE, "shards", "duo_attention",
+     "kv_head_scores.tsv", "full_attention_heads.json", "patching.json"}
+)  # fmt: skip
+
+
+def results_folder_of(path: str | Path) -> Path | None:
+    """The results folder ``path`` lies in (a folder with a ``meta.json``, up to 3 levels up:
+    ``run/trials/x.json``, ``run/shards/0-of-2/meta.json``), or None."""
+    path = Path(path).absolute()
+    for folder in list(path.parents)[:3]:
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # no meta.json, or not ours: a folder like any other
+        if isinstance(meta, dict) and meta.get("schema") == RESULTS_SCHEMA:
+            return folder
+    return None
+
+
+def check_output_file(
+    path: str | Path, what: str, *, owns: Iterable[str] = (), is_ours=None
+) -> None:
+    """Refuse an output file that is a folder, or that would land on a results folder's files.
+
+    Inside a results folder a writer may add a new file, write the names it ``owns`` (``patch``
+    owns ``patching.json``), and rewrite an existing file only when ``is_ours(path)`` says it
+    made it (a report over an earlier report). The folder's own names (``OWNED_NAMES``) are
+    refused even when absent: a later run would read what was written there."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a directory: give a file name inside it")
+    folder = results_folder_of(path)
+    if folder is None:
+        return
+    relative = path.absolute().relative_to(folder)
+    name = relative.parts[0]
+    if name in set(owns) and len(relative.parts) == 1:
+        return
+    owned = name in OWNED_NAMES
+    if owned or (path.exists() and not (is_ours and is_ours(path))):
+        held = "its own file" if path.exists() else "a name that folder owns"
+        raise ValueError(
+            f"the {what} {path} would land on {relative}, {held}, in the results folder "
+            f"{folder}: write it under another name (results are never overwritten)"
+        )
+
+
+def check_output_folder(path: str | Path) -> None:
+    """Refuse a results folder's ``--out`` that is a file, or that lies inside another results
+    folder's own files (``run/trials``): checked before any model loads."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder: give a results folder's path")
+    folder = results_folder_of(path / META_FILE)
+    if folder is not None and folder != path.absolute():
+        relative = path.absolute().relative_to(folder)
+        if relative.parts[0] in OWNED_NAMES:
+            raise ValueError(
+                f"--out {path} lies in {relative.parts[0]}/ of the results folder {folder}, "
+                "which that run owns: give a folder of its own"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1555,8 +1646,20 @@ class ResultsDir:
     def __enter__(self) -> ResultsDir:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is not None and self.meta.get("status") == "running":
+                # Said in meta.json, not left "running": what stopped it, and how to go on.
+                # (A killed process cannot say so; a rerun resumes either way.)
+                stopped = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+                first = (str(exc).strip().splitlines() or [""])[0]
+                self.update_meta(
+                    status=stopped, failure=f"{exc_type.__name__}: {first}".rstrip(": ")
+                )
+        except OSError:  # the disk that failed the run may fail this too: the trials are safe
+            pass
+        finally:
+            self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         lock = getattr(self, "_lock", None)

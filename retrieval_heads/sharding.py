@@ -299,11 +299,13 @@ def merge(
     for index in range(count):
         units = metas[index]["extra"]["shard"]["units"]
         held = load_records(paths[index])
-        if metas[index].get("status") != "finished" or len(held) != units:
+        status = metas[index].get("status")
+        if status != "finished" or len(held) != units:
             raise MergeError(
                 f"shard {index}/{count} is unfinished ({len(held)} of {units} trials in "
-                f"{paths[index]}, status {metas[index].get('status')!r}; it may still be "
-                f"running): {_finish_hint(metas, index, count)} to complete it, then merge again"
+                f"{paths[index]}, status {status!r}"
+                f"{'; it may still be running' if status == 'running' else ''}): "
+                f"{_finish_hint(metas, index, count)} to complete it, then merge again"
             )
         records.extend(held)
     repeated = [tid for tid, n in Counter(r.trial_id for r in records).items() if n > 1]

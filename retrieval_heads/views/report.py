@@ -52,6 +52,7 @@ from retrieval_heads.results import (
     ResultsError,
     TrialRecord,
     atomic_write_text,
+    check_output_file,
     load_results,
 )
 from retrieval_heads.views import figures
@@ -960,6 +961,7 @@ def render_report(
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">\n'
+        f'<meta name="generator" content="{GENERATOR}">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n{scripts}</head>\n"
@@ -974,6 +976,20 @@ def render_report(
         + f"\n<footer>retrieval-heads {esc(__version__)}: {page.n_figures} figures, "
         f"{page.n_views} attention views.</footer>\n</main>\n</body></html>\n"
     )
+
+
+#: In every report's head: how a later report knows the file it may write over.
+GENERATOR = "retrieval-heads report"
+
+
+def is_report_file(path: str | Path) -> bool:
+    """Whether ``path`` is a report this module wrote (its head names the generator)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return f'<meta name="generator" content="{GENERATOR}">'.encode() in head
 
 
 def build_report(
@@ -998,6 +1014,8 @@ def build_report(
     (built-in haystacks only), else the page says why there are none. The file is written
     atomically.
     """
+    out = Path(out)
+    check_output_file(out, "report", is_ours=is_report_file)  # before any work
     text = render_report(
         result_dirs,
         model=model,
@@ -1008,7 +1026,6 @@ def build_report(
         top_n=top_n,
         title=title,
     )
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
     umask = os.umask(0)

@@ -197,6 +197,17 @@ def test_bootstrap_ci_contains_mean_and_is_reproducible():
     assert ((d.ci_high - d.ci_low) <= (a.ci_high - a.ci_low)).all()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("n_resamples", 1_965_977_803), ("n_resamples", 0), ("confidence", 1.5)]
+)
+def test_a_stored_bootstrap_that_would_not_fit_is_refused(field, value):
+    """Found by the fuzz test: a file asking for 2e9 resamples made numpy allocate 29 GiB."""
+    data = HeadScores(np.random.default_rng(0).random((3, 2, 2))).to_dict()
+    data["bootstrap"][field] = value
+    with pytest.raises(ResultsError, match=r"bootstrap n_resamples must be 1\.\.100000"):
+        HeadScores.from_dict(data, "f")
+
+
 def test_head_scores_dict_round_trip_is_byte_stable():
     hs = HeadScores.from_records(records_for_stats())
     text = hs.to_json()
