@@ -70,7 +70,14 @@ from retrieval_heads.haystack import (
     tiny_needle_sets,
 )
 from retrieval_heads.heads import Head, parse_heads
-from retrieval_heads.interventions import MODES, PHASES, Ablation, ZRecorder, mean_head_z
+from retrieval_heads.interventions import (
+    MODES,
+    PHASES,
+    Ablation,
+    ZRecorder,
+    check_uniform,
+    mean_head_z,
+)
 from retrieval_heads.model import HookedModel
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
 from retrieval_heads.scoring import (
@@ -467,7 +474,7 @@ def ablation_hooks(
     needle's span (the whole needle sentence); ``mean`` needs ``mean_z``; ``resample`` replays
     the source of :func:`resample_sources` over ``trials``.
     """
-    _check_mode(mode, phase)
+    _check_mode(mode, phase, model)
     selected = sorted(set(parse_heads(heads if isinstance(heads, str) else list(heads))))
     for h in selected:
         h.check(model.n_layers, model.n_heads)
@@ -669,11 +676,13 @@ def _decode_dict(config: DecodeConfig) -> dict[str, Any]:
     return config.__dict__ | {"stop_strings": list(config.stop_strings)}
 
 
-def _check_mode(mode: str, phase: str) -> None:
+def _check_mode(mode: str, phase: str, model: HookedModel) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown ablation mode {mode!r}; the modes are {', '.join(MODES)}")
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
+    if mode == "uniform":
+        check_uniform(model)
 
 
 def _check_trials(trials: Sequence[Trial]) -> None:
@@ -817,7 +826,7 @@ def ablate_grid(
     ``out/shards/<i>-of-<N>/`` (:mod:`retrieval_heads.sharding`), and that share is returned.
     """
     config = config or DecodeConfig()
-    _check_mode(mode, phase)
+    _check_mode(mode, phase, model)
     trials = list(trials)
     _check_trials(trials)
     chosen = tuple(sorted(set(parse_heads(heads if isinstance(heads, str) else list(heads)))))
@@ -971,7 +980,7 @@ def k_sweep(
     (:mod:`retrieval_heads.sharding`), and that share is returned.
     """
     config = config or DecodeConfig()
-    _check_mode(mode, phase)
+    _check_mode(mode, phase, model)
     trials = list(trials)
     _check_trials(trials)
     table = _table(scores)
@@ -1257,7 +1266,7 @@ def control_sweep(
     (the summaries are then of the share only).
     """
     config = config or DecodeConfig()
-    _check_mode(mode, phase)
+    _check_mode(mode, phase, model)
     ks = list(ks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:

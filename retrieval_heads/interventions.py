@@ -401,6 +401,17 @@ _HINTS = {
 }
 
 
+def check_uniform(model: HookedModel) -> None:
+    """``uniform`` zeroes the query: on a model with ALiBi the position bias survives, and the
+    "uniform" row would run from ~1e-4 to ~0.06. Refused rather than mislabelled."""
+    if getattr(model, "score_bias", None) == "alibi":
+        raise ValueError(
+            f"{model.name} adds ALiBi position biases to its attention scores, which a zeroed "
+            "query keeps, so 'uniform' ablation would not give uniform attention there: use "
+            "--mode zero or mean"
+        )
+
+
 @dataclass
 class Ablation:
     """Ablate ``heads`` with ``mode`` during ``phase`` (see the module docstring).
@@ -507,6 +518,8 @@ class Ablation:
         """Range-check the heads (and the mode's data) against ``model``; return self."""
         for h in self.heads:
             h.check(model.n_layers, model.n_heads)
+        if self.mode == "uniform" and self.heads:
+            check_uniform(model)
         if self.mode == "mean":
             self._check_mean_z(model)
         if self.mode == "resample":

@@ -359,6 +359,22 @@ class HookedModel:
         return next(self.hf_model.parameters()).dtype
 
     @property
+    def score_bias(self) -> str | None:
+        """An additive bias on attention scores that a zero query keeps ("alibi"), or None.
+
+        Bloom adds ALiBi always; Falcon and MPT when their config says so."""
+        config = self.hf_model.config
+        attn_config = getattr(config, "attn_config", None)
+        if (
+            getattr(config, "model_type", None) == "bloom"
+            or getattr(config, "alibi", False)
+            or getattr(attn_config, "alibi", False)
+            or (isinstance(attn_config, dict) and attn_config.get("alibi"))
+        ):
+            return "alibi"
+        return None
+
+    @property
     def group_size(self) -> int:
         """Query heads per kv head (1 without grouped-query attention)."""
         return self.n_heads // self.n_kv_heads
@@ -964,6 +980,55 @@ def _check_architecture(hf_config: Any, where: str) -> str:
         ) from None
 
 
+def _check_layout(hf_config: Any, where: str) -> None:
+    """Layouts an architecture's TransformerLens adapter reads wrongly: refused, not mis-split."""
+    if getattr(hf_config, "model_type", None) == "falcon" and getattr(
+        hf_config, "new_decoder_architecture", False
+    ):
+        raise ModelLoadError(
+            f"{where}: Falcon's new_decoder_architecture layout (Falcon-40B and -180B: grouped "
+            "query/key/value blocks) is not one TransformerLens' Falcon adapter can split, so "
+            "it is not supported; the Falcon-7B/RW layout is"
+        )
+
+
+def _check_vocab(tokenizer: Any, bridge: Any, where: str) -> None:
+    """A tokenizer whose vocabulary is larger than the embedding would index past it: another
+    model's tokenizer. (Added tokens past the embedding, as GGUF conversion can leave, are
+    refused only where a trial holds one: ``haystack.check_trial_tokens``.)"""
+    rows = int(bridge.cfg.d_vocab)
+    size = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+    if isinstance(size, int) and size > rows:
+        raise ModelLoadError(
+            f"the tokenizer of {where} has {size} tokens but the model's embedding has {rows} "
+            f"rows, so token ids from {rows} on have no embedding: it is not this model's "
+            "tokenizer; put the model's own tokenizer files in the folder"
+        )
+
+
+def _mismatch_text(path: Path, hf_config: Any) -> str:
+    """Which weights do not have the shape ``config.json`` gives them (the first two)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            expected = AutoModelForCausalLM.from_config(hf_config).state_dict()
+        found: dict[str, list[int]] = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                found.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+    except Exception:  # the mismatch stands; naming it is a courtesy
+        return "some weights do not have the shapes config.json gives them"
+    wrong = [
+        f"{k} is {found[k]} in the weights, {list(v.shape)} by the config"
+        for k, v in expected.items()
+        if k in found and found[k] != list(v.shape)
+    ]
+    more = f" (and {len(wrong) - 2} more)" if len(wrong) > 2 else ""
+    return "; ".join(wrong[:2]) + more if wrong else "the shapes do not match"
+
+
 def _load_config(source: str, trust_remote_code: bool, *, local: bool) -> Any:
     from transformers import AutoConfig
 
@@ -1270,6 +1335,7 @@ def load_model(
             )
         hf_config = _load_config(str(path), trust_remote_code, local=True)
         _check_architecture(hf_config, str(path))
+        _check_layout(hf_config, str(path))
         if tokenizer is None:
             tokenizer = _load_local_tokenizer(path, trust_remote_code)
         boot_source = str(path)
@@ -1278,6 +1344,7 @@ def load_model(
     else:
         hf_config = _load_config(str(source), trust_remote_code, local=False)
         _check_architecture(hf_config, str(source))
+        _check_layout(hf_config, str(source))
         boot_source = str(source)
 
     tokenizer = _tokenizer_with_bos(tokenizer)
@@ -1288,11 +1355,18 @@ def load_model(
     except OSError as exc:
         raise ModelLoadError(f"cannot load {boot_source}: {exc}") from None
     except Exception as exc:
+        if "ignore_mismatched_sizes" in str(exc) and path.is_dir():
+            raise ModelLoadError(
+                f"the weights of {path} do not fit its config.json: "
+                f"{_mismatch_text(path, hf_config)}; the config and the weights come from "
+                "different models"
+            ) from None
         if not _is_weights_error(exc):
             raise
         raise ModelLoadError(
             f"cannot load the weights of {boot_source}: {_weights_error_text(exc)}"
         ) from None
+    _check_vocab(tokenizer, bridge, boot_source)
     _check_n_ctx(bridge, n_ctx)
     return HookedModel(bridge, n_ctx=n_ctx, name=name, world=world)
 
@@ -1314,6 +1388,7 @@ def _load_object(
         )
     name = getattr(config, "_name_or_path", "") or type(hf_model).__name__
     _check_architecture(config, name)
+    _check_layout(config, name)
     if tokenizer is None:
         if name and Path(name).is_dir():
             tokenizer = _load_local_tokenizer(Path(name), False)
@@ -1329,5 +1404,6 @@ def _load_object(
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=param.device, dtype=param.dtype
     )
+    _check_vocab(tokenizer, bridge, name)
     _check_n_ctx(bridge, n_ctx)
     return HookedModel(bridge, n_ctx=n_ctx, name=name)

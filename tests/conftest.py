@@ -218,6 +218,20 @@ def _gemma3_dir(tmp_path_factory, tokenizer, *, layer_types, kv_heads: int, seed
 
 
 @pytest.fixture(scope="session")
+def tiny_bloom_dir(tmp_path_factory, word_tokenizer) -> Path:
+    """A small Bloom: ALiBi position biases on every attention score (no rotary, no learned
+    positions), so a zeroed query does not give uniform attention."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(vocab_size=len(WORDS), hidden_size=64, n_layer=2, n_head=4, **_SPECIAL_IDS)
+    torch.manual_seed(SEED + 5)
+    model = BloomForCausalLM(config)
+    _redraw_weights(model, SEED + 5)
+    return _save(model, word_tokenizer, tmp_path_factory.mktemp("tiny-bloom"))
+
+
+@pytest.fixture(scope="session")
 def tiny_gemma3_dir(tmp_path_factory, word_tokenizer) -> Path:
     """Sliding layers 0 and 2 around global layer 1; one KV head (as Gemma-3-270M)."""
     layers = ["sliding_attention", "full_attention", "sliding_attention"]

@@ -277,7 +277,7 @@ def test_k_sweep_resumes_to_identical_records(tiny_model, niah, scores, tmp_path
         causal.k_sweep(tiny_model, trials, scores, out=tmp_path / "resumed", **kwargs)
     monkeypatch.setattr(causal, "_run_one", real)
     meta, _, partial = load_results(tmp_path / "resumed")
-    assert len(partial) == 4 and meta["status"] == "running"
+    assert len(partial) == 4 and meta["status"] == "interrupted"
     resumed = causal.k_sweep(tiny_model, trials, scores, out=tmp_path / "resumed", **kwargs)
 
     def strip(records):
