@@ -118,7 +118,7 @@ class Needle:
     """A fact to hide: the sentence, the question that asks for it, and the answer span.
 
     ``answer`` must be a substring of ``text``: it is the part whose copying is scored (the
-    reference code's ``real_needle``).
+    reference code's ``real_needle``). All four strings are kept in Unicode NFC form.
     """
 
     needle_id: str
@@ -131,6 +131,9 @@ class Needle:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise TrialError(f"needle {self.needle_id!r}: {name} must be a non-empty string")
+            # One Unicode form (NFC) for all three: "Zoë" typed as e + combining diaeresis is
+            # the same word as "Zoë", and the answer must be found in the needle either way.
+            object.__setattr__(self, name, unicodedata.normalize("NFC", value))
         if "\n" in self.answer or "\r" in self.answer:
             raise TrialError(
                 f"needle {self.needle_id!r}: the answer {self.answer!r} holds a line break, but "
@@ -776,6 +779,22 @@ def _find(haystack: Sequence[int], needle: Sequence[int]) -> int:
         if haystack[i] == first and list(haystack[i : i + n]) == list(needle):
             return i
     return -1
+
+
+def check_trial_tokens(trial: Trial, tokenizer: Any, vocab_rows: int, model_name: str) -> None:
+    """Refuse a trial tokenized by another model's tokenizer: its ids would mean other words
+    (or index past the embedding), and its answer span would not be the answer."""
+    top = max(trial.input_ids)
+    start, end = trial.answer_span
+    seen = tokenizer.decode(list(trial.input_ids[start:end]))
+    answer = trial.target.needle.answer
+    seen_c, answer_c = _canon(seen), _canon(answer)
+    if top >= vocab_rows or (answer_c not in seen_c and seen_c not in answer_c) or not seen_c:
+        found = f"token id {top}" if top >= vocab_rows else f"its answer span reads {seen!r}"
+        raise TrialError(
+            f"trial {trial.trial_id!r} was not tokenized for {model_name}: {found} where "
+            f"{answer!r} should be; build its trials with make_trials(model, ...) for this model"
+        )
 
 
 def _canon(text: str) -> str:

@@ -38,7 +38,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from retrieval_heads.grading import classify_failure, grade
-from retrieval_heads.haystack import Trial
+from retrieval_heads.haystack import Trial, check_trial_tokens
 from retrieval_heads.model import ContextLengthError, HookedModel, RowSink
 from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
@@ -245,6 +245,7 @@ def score_trial(
     the attention-mass tables).
     """
     config = config or DecodeConfig()
+    check_trial_tokens(trial, model.tokenizer, model.d_vocab, model.name)
     began = time.perf_counter()
     ids = torch.tensor(trial.input_ids, dtype=torch.long, device=model.device)  # [pos]
     prefill_hooks, decode_hooks = hooks(trial) if hooks else ([], [])

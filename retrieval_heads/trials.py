@@ -28,7 +28,7 @@ def make_trials(
     *,
     lengths: Sequence[int],
     depths: Sequence[float],
-    n_needles: int = 4,
+    n_needles: int | None = None,
     n_distractors: int = 2,
     seed: int = 0,
     needles: str | Path | None = None,
@@ -40,7 +40,8 @@ def make_trials(
     ``needles`` (a JSONL file; all of its needles are targets) and ``haystack`` (a ``.txt`` file
     or a folder of them) replace the built-in ones and take the model out of its embedded world.
     Distractors come from the whole needle set, so fewer targets than ``n_distractors + 1``
-    still find their distractors.
+    still find their distractors. ``n_needles``: the targets, the first N needles (default: 4
+    built-in ones, or every needle of the file); more than there are is an error.
     """
     tiny = getattr(model, "world", None) == "tiny" and needles is None and haystack is None
     if tiny:
@@ -53,7 +54,7 @@ def make_trials(
             model.tokenizer,
             lengths=lengths,
             depths=depths,
-            n_needles=n_needles,
+            n_needles=4 if n_needles is None else n_needles,
             n_distractors=n_distractors,
             seed=seed,
         )
@@ -61,10 +62,16 @@ def make_trials(
     pool = hs.load_needles(needles) if needles else hs.default_needles()
     if not pool:
         raise TrialError(f"needles file {needles} holds no needles")
+    if n_needles is None:
+        n_needles = len(pool) if needles else 4
+    if n_needles > len(pool):
+        where = f"the needles file {needles} holds" if needles else "there are"
+        fix = "" if needles else ": write more to a JSONL file and pass --needles"
+        raise TrialError(f"--n-needles {n_needles}: {where} only {len(pool)} needles{fix}")
     return hs.make_grid(
         model.tokenizer,
         text,
-        pool if needles else pool[:n_needles],
+        pool[:n_needles],
         lengths=lengths,
         depths=depths,
         n_distractors=n_distractors,
