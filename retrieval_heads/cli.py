@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -32,29 +34,98 @@ class _Listed(argparse.Action):
         setattr(namespace, self.dest, [x for piece in values for x in piece])
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+# --- option values: each type refuses what the option cannot mean, naming what it can ---------
+
+_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
+_NUMBER = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
+
+
+def _integer(low: int | None = None):
+    """An ``int`` type written in ASCII digits (not ``1.5``, ``1e3``, ``1_000``), ``>= low``."""
+
+    def parse(text: str) -> int:
+        if not _INT.fullmatch(text):
+            allowed = f" (expected an integer >= {low})" if low is not None else ""
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}{allowed}")
+        value = int(text)
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+_any_int = _integer()  # a bound checked later, with its own message (docs/errors.md)
+_positive_int = _integer(1)
+_non_negative_int = _integer(0)
+
+
+def _int_list(low: int | None = None):
+    """Comma-separated integers (at least one), each ``>= low``; empty pieces are skipped."""
+
+    def parse(text: str) -> list[int]:
+        pieces = [x for x in text.split(",") if x.strip()]
+        if not pieces or not all(_INT.fullmatch(x) for x in pieces):
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        values = [int(x) for x in pieces]
+        for value in values:
+            if low is not None and value < low:
+                raise argparse.ArgumentTypeError(
+                    f"expected comma-separated integers >= {low}, got {value} in {text!r}"
+                )
+        return values
+
+    return parse
+
+
+_ints = _int_list()
+_positive_ints = _int_list(1)
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
+    """Comma-separated finite numbers (at least one); not ``nan``, ``inf`` or ``1e999``."""
+    pieces = [x for x in text.split(",") if x.strip()]
+    if not pieces or not all(_NUMBER.fullmatch(x) for x in pieces):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    values = [float(x) for x in pieces]
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    """A number from 0 to 1 (a share of accuracy)."""
+    if not _NUMBER.fullmatch(text) or not 0 <= float(text) <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return float(text)
+
+
+def _path(text: str) -> Path:
+    """A path; not an empty one, which would silently mean the current directory."""
+    if not text.strip():
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+            f"expected a path, got {text!r} (an empty path would mean the current directory)"
+        )
+    return Path(text)
+
+
+def _model_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected a registry name, a model directory, a .gguf file or a hub id, got {text!r}"
+        )
+    return text
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="registry name, HF directory or hub id")
+    p.add_argument(
+        "--model", type=_model_name, default="tiny", help="registry name, HF directory or hub id"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    p.add_argument("--n-ctx", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument(
+        "--n-ctx", type=_any_int, default=None, help="context limit (default: the model's)"
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument(
         "--device-map",
@@ -63,7 +134,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="split the model over GPUs: auto, balanced, balanced_low_0, sequential, or a JSON "
         "{module: device} map (inline or a file)",
     )
-    p.add_argument("--n-devices", type=int, default=None, help="split evenly over N GPUs")
+    p.add_argument("--n-devices", type=_any_int, default=None, help="split evenly over N GPUs")
     p.add_argument(
         "--max-memory", type=_max_memory, default=None, help="per device: 0=70GiB,1=70GiB or JSON"
     )
@@ -89,8 +160,10 @@ def _device_map(text: str):
         mapping = json.loads(source)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc})") from None
-    if not isinstance(mapping, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object {{module: device}}, got {text!r}")
+    if not isinstance(mapping, dict) or not mapping:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object {{module: device}} of at least one entry, got {text!r}"
+        )
     return mapping
 
 
@@ -107,8 +180,10 @@ def _max_memory(text: str) -> dict:
                 f"expected DEVICE=SIZE pairs like 0=70GiB,1=70GiB,cpu=200GiB; got {text!r}"
             )
         pairs = {k.strip(): v.strip() for k, v in items}
-    if not isinstance(pairs, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object {{device: size}}, got {text!r}")
+    if not isinstance(pairs, dict) or not pairs:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object {{device: size}} of at least one entry, got {text!r}"
+        )
     return {
         (int(k) if str(k).isdigit() else k): (int(v) if str(v).isdigit() else v)
         for k, v in pairs.items()
@@ -129,19 +204,26 @@ SHARD_HELP = "run share I of N of the sweep (from 0) into OUT/shards/; then: mer
 
 def _add_trial_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--lengths", type=_ints, action=_Listed, default=None, help="e.g. 1000,2000,4000"
+        "--lengths", type=_positive_ints, action=_Listed, default=None, help="e.g. 1000,2000,4000"
     )
-    p.add_argument("--min-length", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--n-lengths", type=int, default=5)
+    p.add_argument("--min-length", type=_positive_int, default=None)
+    p.add_argument("--max-length", type=_positive_int, default=None)
+    p.add_argument("--n-lengths", type=_positive_int, default=5)
     p.add_argument(
         "--depths", type=_floats, action=_Listed, default=None, help="percent, e.g. 0,50,100"
     )
-    p.add_argument("--n-depths", type=int, default=5)
-    p.add_argument("--needles", type=Path, default=None, help="JSONL: id, needle, question, answer")
-    p.add_argument("--n-needles", type=int, default=4, help="built-in needles to use")
-    p.add_argument("--n-distractors", type=int, default=2)
-    p.add_argument("--haystack", type=Path, default=None, help="a .txt file or a folder of them")
+    p.add_argument("--n-depths", type=_positive_int, default=5)
+    p.add_argument(
+        "--needles", type=_path, default=None, help="JSONL: id, needle, question, answer"
+    )
+    p.add_argument(
+        "--n-needles",
+        type=_positive_int,
+        default=None,
+        help="needles to use as targets: the first N built-in ones (4) or of --needles (all)",
+    )
+    p.add_argument("--n-distractors", type=_non_negative_int, default=2)
+    p.add_argument("--haystack", type=_path, default=None, help="a .txt file or a folder of them")
     p.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
@@ -149,8 +231,8 @@ def _add_trial_args(p: argparse.ArgumentParser) -> None:
         help="wrap the prompt in the tokenizer's chat template (default: on for instruct models "
         "of the registry, off otherwise)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,42 +245,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="score every head on a needle-in-a-haystack grid")
     _add_model_args(p)
     _add_trial_args(p)
-    p.add_argument("--out", type=Path, required=True, help="results directory (resumable)")
-    p.add_argument("--top", type=int, default=10, help="top heads to print")
+    p.add_argument("--out", type=_path, required=True, help="results directory (resumable)")
+    p.add_argument("--top", type=_positive_int, default=10, help="top heads to print")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
     p = sub.add_parser("ablate", help="K-sweep: mask top-K retrieval heads vs K random heads")
     _add_model_args(p)
     _add_trial_args(p)
-    p.add_argument("--scores", type=Path, required=True, help="a detect results directory")
+    p.add_argument("--scores", type=_path, required=True, help="a detect results directory")
     p.add_argument(
         "--top-k", type=_ints, action=_Listed, default=[0, 1, 2, 5, 10, 20, 50], help="K values"
     )
-    p.add_argument("--random", type=int, default=5, help="random draws per K")
+    p.add_argument("--random", type=_any_int, default=5, help="random draws per K")
     p.add_argument("--mode", default="uniform", help="uniform, zero, mean, resample, knockout")
     p.add_argument("--phase", default="decode", choices=["decode", "all"])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=_path, required=True)
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
     p = sub.add_parser(
         "patch", help="activation patching per head (clean needle into corrupt; tiny models)"
     )
     _add_model_args(p)
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scores", type=Path, default=None, help="detect results to correlate with")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pairs", type=_any_int, default=8)
+    p.add_argument("--length", type=_positive_int, default=128)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--scores", type=_path, default=None, help="detect results to correlate with")
+    p.add_argument("--out", type=_path, required=True)
 
     p = sub.add_parser(
         "kv-sim", help="KV-cache what-if: accuracy vs KV share when only some heads keep it all"
     )
     _add_model_args(p)
     _add_trial_args(p)
-    p.add_argument("--scores", type=Path, required=True, help="a detect results directory")
-    p.add_argument("--out", type=Path, required=True, help="results directory (resumable)")
-    p.add_argument("--sink", type=int, default=4, help="first tokens every head keeps")
-    p.add_argument("--window", type=int, default=64, help="recent tokens every head keeps")
+    p.add_argument("--scores", type=_path, required=True, help="a detect results directory")
+    p.add_argument("--out", type=_path, required=True, help="results directory (resumable)")
+    p.add_argument("--sink", type=_any_int, default=4, help="first tokens every head keeps")
+    p.add_argument("--window", type=_any_int, default=64, help="recent tokens every head keeps")
     p.add_argument(
         "--top-k",
         type=_ints,
@@ -206,10 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="full KV heads, e.g. 0,1,2,4 (default: 0,1,2,4..)",
     )
-    p.add_argument("--random", type=int, default=3, help="random draws per K")
+    p.add_argument("--random", type=_any_int, default=3, help="random draws per K")
     p.add_argument(
         "--uniform-windows",
-        type=_ints,
+        type=_positive_ints,
         action=_Listed,
         default=None,
         help="windows for all-heads windowing",
@@ -217,40 +299,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", default="decode", choices=["decode", "all"])
     p.add_argument("--reduce", default="max", choices=["max", "mean"], help="query -> KV head")
     p.add_argument(
-        "--tolerance", type=float, default=0.05, help="accuracy loss allowed for the export"
+        "--tolerance", type=_fraction, default=0.05, help="accuracy loss allowed for the export"
     )
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
     p = sub.add_parser("report", help="one self-contained HTML report from results directories")
-    p.add_argument("dirs", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, default=Path("report.html"))
-    p.add_argument("--model", default=None, help="load this model to draw attention views")
+    p.add_argument("dirs", type=_path, nargs="+")
+    p.add_argument("--out", type=_path, default=Path("report.html"))
+    p.add_argument(
+        "--model", type=_model_name, default=None, help="load this model to draw attention views"
+    )
 
     p = sub.add_parser("compare", help="agreement of two score files or results directories")
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
-    p.add_argument("--k", type=int, default=20, help="top-k for the Jaccard index")
+    p.add_argument("a", type=_path)
+    p.add_argument("b", type=_path)
+    p.add_argument("--k", type=_positive_int, default=20, help="top-k for the Jaccard index")
 
     p = sub.add_parser("export", help="write scores in the published {'L-H': [...]} format")
-    p.add_argument("results", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("results", type=_path)
+    p.add_argument("--out", type=_path, required=True)
 
     p = sub.add_parser(
         "merge", help="merge the shards of a detect, ablate or kv-sim run (DIR/shards/)"
     )
-    p.add_argument("dir", type=Path, help="the --out of the sharded run")
-    p.add_argument("--top", type=int, default=10, help="top heads to print")
+    p.add_argument("dir", type=_path, help="the --out of the sharded run")
+    p.add_argument("--top", type=_positive_int, default=10, help="top heads to print")
 
     sub.add_parser("models", help="list registered models and supported architectures")
     return parser
 
 
 # --- commands -----------------------------------------------------------------------------------
-
-
-def _check_out_file(path: Path) -> None:
-    if path.is_dir():
-        raise IsADirectoryError(f"--out {path} is a directory: give a file name inside it")
 
 
 def load(args):
@@ -279,7 +358,7 @@ def trials_for(model, args):
     lengths = args.lengths or hs.linspace_lengths(low, high, args.n_lengths)
     depths = args.depths if args.depths is not None else hs.linspace_depths(args.n_depths)
     args.chat = uses_chat(model, args.chat)  # resolved here: the run's config records it
-    return make_trials(
+    trials = make_trials(
         model,
         lengths=lengths,
         depths=depths,
@@ -290,6 +369,9 @@ def trials_for(model, args):
         haystack=args.haystack,
         chat=args.chat,
     )
+    if args.n_needles is None:  # recorded as what it was: 4 built-in, or the whole file
+        args.n_needles = len({t.target.needle.needle_id for t in trials})
+    return trials
 
 
 def run_config(args, trials) -> dict:
@@ -342,23 +424,43 @@ def cmd_detect(args) -> int:
 
 
 def model_and_scores(args):
-    """The model and the ``--scores`` detected on it (read first: a bad file fails fast)."""
+    """The model and the ``--scores`` detected on it, checked before any trial runs: a finished
+    detection (or a score file) with a passing trial, of a model of this shape. Scores of
+    another model of the same shape (another checkpoint) are used with a warning."""
     import numpy as np
 
     from retrieval_heads.results import load_results
 
-    _, scores, _ = load_results(args.scores)
+    meta, scores, _ = load_results(args.scores)
+    kind = meta.get("kind")
+    if kind is not None and kind != "detect":
+        raise ValueError(
+            f"{args.scores} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} run, whose scores are measured under its intervention: "
+            "pass the folder `retrieval-heads detect` wrote"
+        )
     if scores.n_passed == 0 or not np.isfinite(scores.mean).any():
         raise ValueError(
             f"{args.scores} holds no passing trial (every score is empty or NaN), so it ranks "
             "no head: detect again until some trials pass (more --max-new-tokens, shorter "
             "--lengths, --chat for a chat model)"
         )
+    if kind == "detect" and meta.get("status") != "finished":
+        raise ValueError(
+            f"{args.scores} is an unfinished detection ({meta.get('status')}): rerun the same "
+            "detect command to finish it (or merge its shards) before using its scores"
+        )
     model = load(args)
     if (scores.n_layers, scores.n_heads) != (model.n_layers, model.n_heads):
         raise ValueError(
             f"{args.scores} holds scores for {scores.n_layers} x {scores.n_heads} heads but "
             f"{model.name} has {model.n_layers} x {model.n_heads}: detect on this model first"
+        )
+    detected_on = meta.get("model")
+    if detected_on is not None and detected_on != model.name:
+        print(
+            f"warning: {args.scores} was detected on {detected_on!r}, not {model.name!r}; the "
+            "shapes match (another checkpoint?), so its ranking is used as it is",
+            file=sys.stderr,
         )
     return model, scores
 
@@ -368,6 +470,10 @@ def cmd_ablate(args) -> int:
     from retrieval_heads.scoring import DecodeConfig
 
     model, scores = model_and_scores(args)
+    if args.mode == "uniform":
+        from retrieval_heads.interventions import check_uniform
+
+        check_uniform(model)  # before the trials are built
     trials = trials_for(model, args)
     records = causal.k_sweep(
         model,
@@ -394,9 +500,11 @@ def sharded(command):
     merges and prints the whole run; with ``--shard`` it says where the share went."""
 
     def run(args) -> int:
+        from retrieval_heads.results import check_output_folder
         from retrieval_heads.scoring import detection_failure
         from retrieval_heads.sharding import Job, shard_dir
 
+        check_output_folder(args.out)  # before the model loads
         with Job.from_env(args.shard) as job:
             args.shard = job.shard
             args.device = job.device(args.device, args.device_map)
@@ -443,7 +551,12 @@ def cmd_patch(args) -> int:
     import json
 
     from retrieval_heads import causal, registry
-    from retrieval_heads.results import atomic_write_text, load_results
+    from retrieval_heads.results import (
+        atomic_write_text,
+        check_output_file,
+        check_output_folder,
+        load_results,
+    )
 
     entry = registry.lookup(args.model)
     if entry is None or entry.world != "tiny":
@@ -454,6 +567,8 @@ def cmd_patch(args) -> int:
         )
     if args.pairs < 1:
         raise ValueError(f"--pairs must be at least 1, got {args.pairs}")
+    check_output_folder(args.out)
+    check_output_file(args.out / "patching.json", "patching map", owns={"patching.json"})
     model = load(args)
     effect = causal.patching_map(model, n_pairs=args.pairs, seed=args.seed, length=args.length)
     out = {"model": model.name, "pairs": args.pairs, "seed": args.seed, "effect": effect.tolist()}
@@ -513,9 +628,10 @@ def print_kv_sim(out: Path, records, meta: dict, tolerance: float = 0.05) -> Non
 
 
 def cmd_report(args) -> int:
-    from retrieval_heads.views.report import build_report
+    from retrieval_heads.results import check_output_file
+    from retrieval_heads.views.report import build_report, is_report_file
 
-    _check_out_file(args.out)
+    check_output_file(args.out, "report", is_ours=is_report_file)  # before the model loads
     model = None
     if args.model:
         from retrieval_heads.model import load_model
@@ -544,7 +660,6 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from retrieval_heads.results import load_results, write_published
 
-    _check_out_file(args.out)
     _, scores, _ = load_results(args.results)
     write_published(scores, args.out)
     print(f"wrote {args.out}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
@@ -705,7 +706,13 @@ def test_e39_disk_full_while_writing(cli, tmp_path, monkeypatch, finished):
     assert_error(run, 1, r"error: \[Errno 28\] No space left on device: '.*/trials/.*\.json'")
     fault["restore"]()
     after = snapshot(out)
-    assert settled(after) == settled(fault["snapshot"])  # nothing that was there changed
+    meta_file = str(out / "meta.json")
+    without_meta = {k: v for k, v in settled(after).items() if k != meta_file}
+    assert without_meta == {  # nothing that was there changed ...
+        k: v for k, v in settled(fault["snapshot"]).items() if k != meta_file
+    }
+    meta = json.loads((out / "meta.json").read_text())  # ... but meta.json says what stopped it
+    assert meta["status"] == "failed" and "No space left on device" in meta["failure"]
     assert not [k for k in after if k.endswith((".tmp", ".lock"))]  # no partial file, no lock
     (first,) = (out / "trials").iterdir()
     record = json.loads(first.read_text())
@@ -787,8 +794,8 @@ def test_e43_shard_missing_or_unfinished_at_merge(cli, tmp_path, monkeypatch):
         assert cli("detect", "--model", "tiny", *GRID, "--shard", "1/2", "--out", out).code == 130
     before = snapshot(out)
     run = cli("merge", out)
-    assert_error(run, 2, r"shard 1/2 is unfinished \(0 of 1 trials in .*1-of-2, status 'running'; "
-                         r"it may still be running\): .*--shard 1/2 to complete it")  # fmt: skip
+    assert_error(run, 2, r"shard 1/2 is unfinished \(0 of 1 trials in .*1-of-2, status "
+                         r"'interrupted'\): .*--shard 1/2 to complete it")  # fmt: skip
     assert snapshot(out) == before
     shard(cli, out, "1/2")  # finishing it makes the merge work
     assert cli("merge", out).code == 0
@@ -950,6 +957,246 @@ def test_e54_needle_answer_with_a_line_break(cli, tmp_path, needles_file):
     path.write_text(json.dumps({**first, "needle": text, "answer": first["answer"] + "\nmore"}))
     run = custom(cli, tmp_path, needles=path)
     assert_error(run, 2, r"holds a line break, but decoding stops at the first newline")
+    assert not (tmp_path / "r").exists()
+
+
+def test_e55_option_value_of_the_wrong_sign_type_emptiness_or_range(tmp_path, capsys):
+    """Refused by the parser (exit 2, before anything loads); tests/unit/test_fuzz_cli.py
+    covers every option."""
+    out = tmp_path / "r"
+    for argv, pattern in (
+        (["detect", "--n-depths", "0"], r"argument --n-depths: expected an integer >= 1, got '0'"),
+        (["detect", "--lengths", ","], r"argument --lengths: expected comma-separated integers, got ','"),
+        (["kv-sim", "--scores", out, "--tolerance", "2"], r"argument --tolerance: expected a number from 0 to 1, got '2'"),
+        (["patch", "--seed", "-1"], r"argument --seed: expected an integer >= 0, got '-1'"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            cli_module.main([str(a) for a in (*argv, "--out", out)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(pattern, err), err
+    assert not out.exists()
+
+
+def test_e56_output_onto_a_results_folders_files(cli, run_dir, tmp_path, tiny_model):
+    """No command writes over a results folder's files, its own run's or another's."""
+    import numpy as np
+
+    from retrieval_heads.results import write_published
+    from retrieval_heads.views.report import build_report
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    (run_dir / "notes.txt").write_text("mine")
+    before = snapshot(run_dir, other)
+    landing = r"would land on {}, (its own file|a name that folder owns), in the results folder"
+    for target, name in (
+        (run_dir / "head_scores.json", "head_scores.json"),
+        (other / "meta.json", "meta.json"),
+        (run_dir / "trials.jsonl", "trials.jsonl"),
+        (run_dir / "trials" / "x.json", "trials/x.json"),
+        (run_dir / "notes.txt", "notes.txt"),  # a user's file in the folder
+    ):
+        for argv in (("report", run_dir, "--out", target), ("export", run_dir, "--out", target)):
+            assert_error(cli(*argv), 2, landing.format(re.escape(name)))
+    with pytest.raises(ValueError, match=landing.format("head_scores.json")):
+        write_published(load_results(run_dir)[1], other / "head_scores.json")
+    with pytest.raises(ValueError, match=landing.format("meta.json")):
+        build_report([run_dir], other / "meta.json")
+    # a results folder's --out: not a file, not inside another run's own files (before loading)
+    for command in ("detect", "ablate", "kv-sim"):
+        extra = () if command == "detect" else ("--scores", run_dir)
+        run = cli(command, "--model", "tiny", *ONE, *extra, "--out", run_dir / "notes.txt")
+        assert_error(run, 2, r"--out .*notes.txt is a file, not a folder")
+        run = cli(command, "--model", "tiny", *ONE, *extra, "--out", other / "trials")
+        assert_error(
+            run, 2, r"--out .* lies in trials/ of the results folder .*which that run owns"
+        )
+    run = cli("patch", "--model", "tiny", "--pairs", "1", "--out", other / "trials")
+    assert_error(run, 2, r"lies in trials/ of the results folder")
+    assert snapshot(run_dir, other) == before
+    # what a command owns it may write, and write again
+    for _ in range(2):
+        assert cli("report", run_dir, "--out", run_dir / "report.html").code == 0
+        assert cli("export", run_dir, "--out", run_dir / "published.json").code == 0
+    assert np.allclose(load_results(run_dir)[1].mean, load_results(other)[1].mean, equal_nan=True)
+    assert {p: h for p, h in snapshot(other).items()} == {
+        p: h for p, h in before.items() if p.startswith(str(other))
+    }
+
+
+def test_e57_uniform_ablation_on_alibi(cli, tmp_path, tiny_bloom_dir):
+    """A zeroed query keeps ALiBi's position bias: 'uniform' would not be uniform, so it is
+    refused before any trial runs (and the API refuses the Ablation too)."""
+    from retrieval_heads import load_model
+    from retrieval_heads.interventions import Ablation
+
+    bloom = load_model(tiny_bloom_dir)
+    assert bloom.score_bias == "alibi"
+    with pytest.raises(ValueError, match=r"adds ALiBi position biases"):
+        Ablation(["0.1"], "uniform", model=bloom)
+    # what it would have done: on Bloom the zeroed query's row is far from uniform
+    import torch
+
+    rows = {}
+
+    def keep(pattern, hook):
+        rows["row"] = pattern[0, 1, -1].detach().clone()
+
+    unchecked = Ablation(["0.1"], "uniform")  # no model given: hooks built by hand below
+    state = bloom.prefill(torch.arange(4, 23)[None])
+    hooks = [*unchecked._hooks(bloom, "decode"), ("blocks.0.attn.hook_pattern", keep)]
+    bloom.step(state, torch.tensor([23]), fwd_hooks=hooks)
+    assert rows["row"].max() / rows["row"].min() > 2
+    scores = tmp_path / "bloom-scores.json"  # published format, Bloom's 2 x 4 heads
+    scores.write_text(json.dumps({f"{la}-{h}": [0.1 * h] for la in range(2) for h in range(4)}))
+    run = cli(
+        "ablate", "--model", tiny_bloom_dir, "--lengths", "60", "--n-depths", "1",
+        "--n-needles", "1", "--scores", scores, "--out", tmp_path / "o",
+    )  # fmt: skip
+    assert_error(run, 2, r"adds ALiBi position biases .* use --mode zero or mean")
+    assert not (tmp_path / "o").exists()
+
+
+def test_e58_model_folder_without_a_tokenizer(cli, tmp_path):
+    path = model_dir(tmp_path, "config.json", "model.safetensors")
+    run = cli("detect", "--model", path, "--out", tmp_path / "r")
+    assert_error(run, 2, r"no usable tokenizer in .*save one there with tokenizer.save_pretrained")
+    assert not (tmp_path / "r").exists()
+
+
+def test_e59_tokenizer_larger_than_the_vocabulary(cli, tmp_path):
+    """Ids past the embedding used to fail as an IndexError mid-run, leaving a run "running"."""
+    from gguf_writer import build_bpe_tokenizer
+
+    path = model_dir(tmp_path, "config.json", "model.safetensors")
+    build_bpe_tokenizer(300).save_pretrained(path)  # another model's, 300 tokens
+    run = cli("detect", "--model", path, "--out", tmp_path / "r")
+    assert_error(run, 2, r"has 300 tokens but the model's embedding has 174 rows.*not this model's")
+    assert not (tmp_path / "r").exists()
+
+
+def test_e60_config_and_weights_disagree(cli, tmp_path):
+    path = Path(shutil.copytree(TINY_DIR, tmp_path / "model"))
+    edit_json(path / "config.json", hidden_size=384)
+    run = cli("detect", "--model", path, "--out", tmp_path / "r")
+    assert_error(
+        run, 2,
+        r"weights of .* do not fit its config.json: model.embed_tokens.weight is \[174, 192\] in "
+        r"the weights, \[174, 384\] by the config; .* \(and \d+ more\); the config and the "
+        r"weights come from different models",
+    )  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
+def test_e61_falcon_new_decoder_architecture(cli, tmp_path):
+    """TransformerLens' Falcon adapter splits fused QKV the Falcon-7B way: refused up front."""
+    from transformers import FalconConfig
+
+    config = FalconConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True,
+    )  # fmt: skip
+    config.architectures = ["FalconForCausalLM"]
+    config.save_pretrained(tmp_path / "falcon")
+    run = cli("detect", "--model", tmp_path / "falcon", "--out", tmp_path / "r")
+    assert_error(run, 2, r"Falcon's new_decoder_architecture layout .* is not supported")
+    assert not (tmp_path / "r").exists()
+
+
+def test_e62_run_stopped_by_an_error_says_so(cli, tmp_path, monkeypatch):
+    """An error mid-run leaves meta.json saying "failed" and why, not "running"; a rerun
+    resumes and finishes."""
+    from retrieval_heads import scoring
+
+    real, calls = scoring.score_trial, {"n": 0}
+
+    def breaks_on_the_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("a bad trial")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_trial", breaks_on_the_second)
+    out = tmp_path / "r"
+    assert_error(cli("detect", "--model", "tiny", *GRID, "--out", out), 2, r"a bad trial")
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["status"], meta["failure"]) == ("failed", "ValueError: a bad trial")
+    assert len(list((out / "trials").glob("*.json"))) == 1
+    monkeypatch.setattr(scoring, "score_trial", real)
+    assert cli("detect", "--model", "tiny", *GRID, "--out", out).code == 0
+    assert json.loads((out / "meta.json").read_text())["status"] == "finished"
+
+
+def test_e63_needle_and_answer_in_other_unicode_forms(tmp_path):
+    """'Zoë' typed with a combining diaeresis is the answer in a needle typed with 'ë'."""
+    import unicodedata
+
+    from retrieval_heads.haystack import load_needles
+
+    nfc, nfd = "Zo\u00eb", unicodedata.normalize("NFD", "Zo\u00eb")
+    assert nfc != nfd
+    path = tmp_path / "n.jsonl"
+    line = {"id": "cat", "needle": f"The cat is called {nfc}.", "question": "Who?", "answer": nfd}
+    path.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    (needle,) = load_needles(path)
+    assert needle.answer == nfc and needle.answer in needle.text
+
+
+def test_e64_trial_of_another_models_tokenizer(tiny_model, llama_model):
+    """Ids from another tokenizer mean other words: refused before any decoding."""
+    from retrieval_heads.haystack import TrialError
+    from retrieval_heads.scoring import score_trial
+    from retrieval_heads.trials import make_trials
+
+    (trial,) = make_trials(tiny_model, lengths=[150], depths=[50], n_needles=1)
+    with pytest.raises(TrialError, match=r"was not tokenized for .*make_trials\(model, \.\.\.\)"):
+        score_trial(llama_model, trial)
+    past = dataclasses.replace(trial, input_ids=(*trial.input_ids[:-1], tiny_model.d_vocab))
+    with pytest.raises(TrialError, match=rf"token id {tiny_model.d_vocab} where"):
+        score_trial(tiny_model, past)  # an added token past the embedding
+    assert score_trial(tiny_model, trial).passed
+
+
+def test_e65_scores_that_are_not_a_finished_detection(cli, tmp_path, run_dir, capsys):
+    """--scores must rank heads as detected: not an ablation's scores, not half a detection.
+    Another model of the same shape is used, with a warning."""
+    ablated = tmp_path / "ablated"
+    assert cli("ablate", "--model", "tiny", *ONE, "--scores", run_dir, "--top-k", "1",
+               "--random", "1", "--out", ablated).code == 0  # fmt: skip
+    half = tmp_path / "half"
+    shutil.copytree(run_dir, half)
+    edit_json(half / "meta.json", status="running")
+    before = snapshot(tmp_path)
+    run = cli("ablate", "--model", "tiny", *ONE, "--scores", ablated, "--out", tmp_path / "o")
+    assert_error(run, 2, r"is an ablate run, .*pass the folder `retrieval-heads detect` wrote")
+    run = cli("kv-sim", "--model", "tiny", *ONE, "--scores", half, "--out", tmp_path / "o")
+    assert_error(run, 2, r"is an unfinished detection \(running\): rerun the same detect")
+    assert snapshot(tmp_path) == before
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    edit_json(other / "meta.json", model="tiny-other-checkpoint")
+    run = cli("ablate", "--model", "tiny", *ONE, "--scores", other, "--top-k", "0",
+              "--out", tmp_path / "o2")  # fmt: skip
+    assert run.code == 0
+    assert re.search(r"warning: .* was detected on 'tiny-other-checkpoint', not 'tiny'", run.err)
+
+
+def test_e66_more_needles_than_there_are(cli, tmp_path, needles_file, llama_model, tiny_model):
+    """--n-needles means the first N targets, of the built-in needles or of --needles; asking
+    for more than there are is refused (it used to be silently fewer, or ignored for a file)."""
+    from retrieval_heads.haystack import TrialError
+    from retrieval_heads.trials import make_trials
+
+    with pytest.raises(TrialError, match=r"--n-needles 9: there are only 5 needles: write more"):
+        make_trials(llama_model, lengths=[100], depths=[0], n_needles=9)
+    grid = dict(lengths=[150], depths=[50], n_distractors=0, needles=needles_file)
+    assert len(make_trials(tiny_model, n_needles=1, **grid)) == 1
+    assert len(make_trials(tiny_model, **grid)) == 2  # the whole file by default
+    run = cli("detect", "--model", "tiny", "--lengths", "150", "--n-depths", "1",
+              "--n-distractors", "0", "--needles", needles_file, "--n-needles", "3",
+              "--out", tmp_path / "r")  # fmt: skip
+    assert_error(run, 2, r"--n-needles 3: the needles file .* holds only 2 needles")
     assert not (tmp_path / "r").exists()
 
 
