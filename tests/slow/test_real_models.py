@@ -132,3 +132,41 @@ def test_demo_on_gemma_writes_a_report(tmp_path):
     assert "Summary" in proc.stdout and "gemma-3-270m" in proc.stdout
     for stage in ("detect", "ablate", "kv-sim"):
         assert json.loads((out / stage / "meta.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_detect_killed_after_a_trial_then_resumed_writes_the_same_files(tmp_path, name):
+    """``kill -9`` once a first trial file exists, rerun: the same files as an uninterrupted run.
+
+    test_faults' mechanism on a real model: the command line as a subprocess, SIGKILLed, resumed,
+    then ``head_scores.json`` byte for byte and ``trials.jsonl`` (timings aside) compared. The
+    trials finished before the kill are kept as they were (their timings too), not run again."""
+    from integration.test_faults import (
+        assert_consistent,
+        assert_same_results,
+        complete,
+        run_and_kill,
+        trial_files,
+    )
+
+    _require(name)
+    sweep = ["detect", "--model", name, "--lengths", "600", "--depths", "0,100",
+             "--n-needles", "2", "--seed", "0"]  # fmt: skip
+    n_trials = 4
+    reference = tmp_path / "reference"
+    complete([*sweep, "--out", reference], tmp_path)
+    out = tmp_path / "resumed"
+    argv = [*sweep, "--out", out]
+    assert run_and_kill(argv, out, tmp_path, ("files", 1)), "it finished before the kill"
+    assert_consistent(out)
+    assert 0 < trial_files(out) < n_trials
+    before = {}
+    for path in (out / "trials").glob("[!.]*.json"):
+        row = json.loads(path.read_text())
+        before[row["trial_id"]] = row
+    complete(argv, tmp_path)
+    assert_same_results(reference, out, n_trials)
+    after = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [row for row in after if row["trial_id"] in before] == sorted(
+        before.values(), key=lambda row: row["trial_id"]
+    )
