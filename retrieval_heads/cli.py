@@ -617,14 +617,28 @@ def print_kv_sim(out: Path, records, meta: dict, tolerance: float = 0.05) -> Non
     from retrieval_heads import analysis, kvcache
 
     print(analysis.format_kv_curve(analysis.kv_curve(records)))
+    from retrieval_heads.views._layers import layer_windows_from_meta
+
+    windows = layer_windows_from_meta(meta, records[0].n_layers) if records else None
     chosen, paths = kvcache.export_chosen(
-        out, records, meta["config"], tolerance=tolerance, info={"model": meta.get("model")}
+        out,
+        records,
+        meta["config"],
+        tolerance=tolerance,
+        layer_windows=windows,
+        info={"model": meta.get("model")},
     )
     print(
         f"\ntop {chosen.k} KV heads keep accuracy {chosen.accuracy:.3f} with "
         f"{chosen.kv_share:.1%} of the KV cache; wrote {paths['json']} and "
         f"{paths['duo_tsv'].parent}/ (DuoAttention layout)"
     )
+    sliding = json.loads(paths["json"].read_text()).get("full_heads_in_sliding_layers")
+    if sliding:
+        print(
+            f"note: {len(sliding)} of them sit in sliding-window layers, whose cache keeps only "
+            "the layer's own window anyway (listed under full_heads_in_sliding_layers)"
+        )
 
 
 def cmd_report(args) -> int:

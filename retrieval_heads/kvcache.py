@@ -369,9 +369,10 @@ def simulate(
             raise ValueError("a sharded simulation needs out=: shards are merged from disk")
         sweep.records = list(_run(model, units, config, set(), progress))
         return sweep
-    path, extra = Path(out), None
+    describe = getattr(model, "describe", None)
+    path, extra = Path(out), {"model_info": describe()} if describe else {}  # never compared
     if shard is not None:
-        path, extra = shard_dir(out, shard), shard_meta(shard, len(units))
+        path, extra = shard_dir(out, shard), shard_meta(shard, len(units)) | extra
         units = [units[p] for p in shard.positions(len(units))]
     name = getattr(model, "name", None) or type(model.hf_model).__name__
     with ResultsDir(
@@ -429,6 +430,7 @@ def export_heads(
     sink: int,
     window: int,
     group_size: int,
+    layer_windows: Sequence[int | None] | None = None,
     info: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the chosen full-attention KV heads for a serving stack; returns the paths.
@@ -440,6 +442,9 @@ def export_heads(
       tools that pick their own sparsity;
     - ``full_attention_heads.json``: the list (``[[layer, kv_head], ...]``, best first), the
       query heads they serve, the window and whatever ``info`` adds (model, K, share, accuracy).
+      With ``layer_windows`` (a model with sliding-window layers) it also lists each layer's own
+      window and, under ``full_heads_in_sliding_layers``, the "full" heads whose layer keeps only
+      its window anyway: a serving stack must not read those as holding the whole context.
     """
     out = Path(out)
     chosen = [tuple(map(int, h)) for h in full_kv_heads]
@@ -470,6 +475,12 @@ def export_heads(
             f"{layer}.{kv * group_size + i}" for layer, kv in chosen for i in range(group_size)
         ],
     }
+    windows = list(layer_windows) if layer_windows is not None else [None] * n_layers
+    if any(w is not None for w in windows):
+        listing["layer_windows"] = windows
+        listing["full_heads_in_sliding_layers"] = [
+            [layer, kv, windows[layer]] for layer, kv in chosen if windows[layer] is not None
+        ]
     atomic_write_text(paths["json"], json.dumps(listing, indent=1) + "\n")
     return paths
 
@@ -484,6 +495,7 @@ def export_chosen(
     run_config: dict[str, Any],
     *,
     tolerance: float = 0.05,
+    layer_windows: Sequence[int | None] | None = None,
     info: dict[str, Any] | None = None,
 ) -> tuple[analysis.KVPoint, dict[str, Path]]:
     """Pick the smallest sufficient top-K of a finished sweep (its records and the config
@@ -499,6 +511,7 @@ def export_chosen(
         sink=int(chosen.sink),
         window=int(chosen.window),
         group_size=n_heads // kv_scores.shape[1],
+        layer_windows=layer_windows,
         info={
             **(info or {}),
             "reduce": run_config.get("reduce"),

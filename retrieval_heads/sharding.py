@@ -325,6 +325,8 @@ def merge(
             "hosts": [metas[i].get("provenance", {}).get("host") for i in range(count)],
         }
     }
+    if "model_info" in reference["extra"]:  # the model's shape and layer windows, for the views
+        provenance["model_info"] = reference["extra"]["model_info"]
     with ResultsDir(
         out,
         model=reference["model"],

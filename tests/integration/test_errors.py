@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from support import subprocess_env
 
@@ -1198,6 +1199,40 @@ def test_e66_more_needles_than_there_are(cli, tmp_path, needles_file, llama_mode
               "--out", tmp_path / "r")  # fmt: skip
     assert_error(run, 2, r"--n-needles 3: the needles file .* holds only 2 needles")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_e67_kv_sim_export_on_sliding_window_layers(gemma3_gqa_model, word_tokenizer, tmp_path):
+    """A "full" KV head of a sliding-window layer still keeps only its layer's window: the export
+    lists the layer windows and those heads, so a serving stack does not read them as whole."""
+    from integration.test_lean_decode import gqa_trial
+
+    from retrieval_heads import kvcache
+    from retrieval_heads.cli import print_kv_sim
+    from retrieval_heads.results import read_meta
+    from retrieval_heads.scoring import DecodeConfig
+
+    model = gemma3_gqa_model
+    windows = model.layer_windows()
+    assert any(w is None for w in windows) and any(w is not None for w in windows)
+    table = np.arange(model.n_layers * model.n_heads, dtype=float).reshape(model.n_layers, -1)
+    out = tmp_path / "sim"
+    config = DecodeConfig(max_new_tokens=4, stop_at_eos=False, stop_strings=())
+    every = model.n_layers * model.n_kv_heads
+    sweep = kvcache.simulate(
+        model, [gqa_trial(word_tokenizer)], table / table.max(), ks=[every], draws=0,
+        sink=1, window=4, out=out, config=config,
+    )  # fmt: skip
+    meta = read_meta(out)
+    assert meta["extra"]["model_info"]["layer_windows"] == windows
+    print_kv_sim(out, sweep.records, meta, tolerance=1.0)
+    listing = json.loads((out / "full_attention_heads.json").read_text())
+    assert listing["layer_windows"] == windows
+    sliding = {(layer, kv) for layer, kv, _ in listing["full_heads_in_sliding_layers"]}
+    chosen = {tuple(h) for h in listing["full_attention_heads"]}
+    assert len(chosen) == every and sliding  # K = every head: the sliding layers' ones included
+    assert sliding == {(layer, kv) for layer, kv in chosen if windows[layer] is not None}
+    assert all(w == windows[layer] for layer, _, w in listing["full_heads_in_sliding_layers"])
 
 
 def test_catalogue_rows_have_tests():
