@@ -5,7 +5,10 @@ packages these tests skip, unless ``RETRIEVAL_HEADS_REQUIRE_REAL_MODELS=1`` (set
 missing install a failure. Gemma is compared with plain transformers in a separate process: the
 bridge patches Gemma's attention function for the whole process (TransformerLens #1795).
 
-Measured before the thresholds were set (CPU, float32 dequantised weights, seed 0): MEASURE.
+Measured before the thresholds were set (CPU, float32 dequantised weights, seed 0, one thread):
+the small grid of 12 trials passes 11 on SmolLM2 (top heads 18.6 0.94, 23.2 0.76, 17.3 0.76) and
+12 on Gemma (11.2 0.77, 5.1 0.55, 5.2 0.52), in about 40 s each; the tests ask for 9 and three heads
+above 0.1.
 """
 
 from __future__ import annotations
