@@ -867,7 +867,9 @@ class HeadScores:
         return _dumps(self.to_dict(), indent=1) + "\n"
 
     def save(self, path: str | Path) -> None:
-        """Write ``to_json()`` atomically."""
+        """Write ``to_json()`` atomically; never over a results folder's files (E56): a run's
+        own ``head_scores.json`` is written by its :class:`ResultsDir` only."""
+        check_output_file(path, "head scores")
         atomic_write_text(path, self.to_json())
 
     @classmethod
@@ -1617,7 +1619,7 @@ class ResultsDir:
         scores = None
         if records:
             scores = HeadScores.from_records(records, "retrieval", **bootstrap)
-            scores.save(self.path / SCORES_FILE)
+            atomic_write_text(self.path / SCORES_FILE, scores.to_json())
         if not keep_trial_files:
             for path in self.trials_dir.glob("*.json"):
                 path.unlink()

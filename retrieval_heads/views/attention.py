@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval_heads.heads import Head
+from retrieval_heads.results import atomic_write_text, check_output_file
 from retrieval_heads.views._attention_grid import AttentionGrid, Crop, choose_columns, crop_of
 from retrieval_heads.views._html import esc, fmt_int, inline_js, script_json
 
@@ -146,9 +147,14 @@ class CircuitsVisView:
         return _page(self.title or self.element, self.to_html("cv-view-0"), 1)
 
 
+#: Named in a saved page's head, so that saving again may replace it and nothing else.
+GENERATOR = "retrieval-heads attention view"
+
+
 def _page(title: str, body: str, n_views: int) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="generator" content="{GENERATOR}">'
         f"<title>{esc(title)}</title><script>{circuitsvis_js()}</script></head>"
         f'<body style="font-family: sans-serif" data-figures="0" data-views="{n_views}">'
         f"{body}</body></html>\n"
@@ -217,9 +223,20 @@ class TrialAttention:
         return _page(self.title or "attention", self.to_html(), len(self.views))
 
     def save(self, path: str | Path) -> Path:
+        """Write :meth:`standalone_html` to ``path``, atomically. Inside a results folder it
+        refuses the folder's own files and any file it did not write (E56)."""
         path = Path(path)
-        path.write_text(self.standalone_html(), encoding="utf-8")
+        check_output_file(path, "attention view", is_ours=_is_saved_view)
+        atomic_write_text(path, self.standalone_html())
         return path
+
+
+def _is_saved_view(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f'<meta name="generator" content="{GENERATOR}">'.encode() in f.read(512)
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

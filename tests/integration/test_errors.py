@@ -984,6 +984,7 @@ def test_e56_output_onto_a_results_folders_files(cli, run_dir, tmp_path, tiny_mo
     import numpy as np
 
     from retrieval_heads.results import write_published
+    from retrieval_heads.views.attention import attention_view
     from retrieval_heads.views.report import build_report
 
     other = tmp_path / "other"
@@ -1004,6 +1005,18 @@ def test_e56_output_onto_a_results_folders_files(cli, run_dir, tmp_path, tiny_mo
         write_published(load_results(run_dir)[1], other / "head_scores.json")
     with pytest.raises(ValueError, match=landing.format("meta.json")):
         build_report([run_dir], other / "meta.json")
+    with pytest.raises(ValueError, match=landing.format("head_scores.json")):
+        load_results(run_dir)[1].save(other / "head_scores.json")  # the API's own writers
+    view = attention_view(["a", "b"], np.ones((1, 1, 2)) / 2, ["0.0"], [1], title="t")
+    for target, name in (
+        (other / "trials.jsonl", "trials.jsonl"),
+        (run_dir / "notes.txt", "notes.txt"),
+    ):
+        with pytest.raises(ValueError, match=landing.format(name)):
+            view.save(target)
+    view.save(run_dir / "view.html")
+    view.save(run_dir / "view.html")  # a view may replace the view it saved
+    (run_dir / "view.html").unlink()
     # a results folder's --out: not a file, not inside another run's own files (before loading)
     for command in ("detect", "ablate", "kv-sim"):
         extra = () if command == "detect" else ("--scores", run_dir)
