@@ -47,7 +47,7 @@ test-all: setup
 	$(PY) -m pytest -q -m ""
 
 bench: setup
-	$(PY) -m retrieval_heads.bench --out docs/benchmarks.md
+	$(PY) benchmarks/bench.py --out docs/benchmarks.md
 
 detect: setup $(if $(filter $(REAL_MODELS),$(MODEL)),real-models)
 	$(PY) -m retrieval_heads detect --model $(MODEL) --out $(OUT)/detect
@@ -73,8 +73,8 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 lint: setup
-	$(PY) -m ruff check retrieval_heads tests experiments
-	$(PY) -m ruff format --check retrieval_heads tests experiments
+	$(PY) -m ruff check retrieval_heads tests experiments benchmarks
+	$(PY) -m ruff format --check retrieval_heads tests experiments benchmarks
 
 # The HTML report's browser test needs Chromium (Debian's package).
 setup-browser:

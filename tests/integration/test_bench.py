@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from retrieval_heads import bench
+import bench  # benchmarks/bench.py, on pytest's pythonpath
 
 
 def test_quick_bench_writes_a_table_and_scorer_matches_plain_greedy(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Benchmark: what scoring every head costs on top of plain greedy generation.
 
-``python -m retrieval_heads.bench`` builds a random-initialised Llama-architecture model from a
+``python benchmarks/bench.py`` (``make bench``; a harness beside the library, not in it) builds a random-initialised Llama-architecture model from a
 config (preset ``small``: 4 layers, d_model 256, 8 query heads sharing 2 kv heads), builds one
 seeded needle-in-a-haystack prompt per context length, and on the same prompt with the same
 number of generated tokens (no early stop) measures wall time and peak memory of
@@ -533,8 +533,7 @@ def _run_subprocess(
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
-        "-m",
-        "retrieval_heads.bench",
+        str(Path(__file__).resolve()),
         "--one",
         method,
         str(length),
@@ -644,7 +643,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "repeats": args.repeats,
         "rounds": args.rounds,
         "wall_s": time.perf_counter() - started,
-        "command": "python -m retrieval_heads.bench " + " ".join(args.argv),
+        "command": "python benchmarks/bench.py " + " ".join(args.argv),
         "results": results,
     }
 
@@ -1059,7 +1058,7 @@ def run_real(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "repeats": args.real_repeats,
         "lean_decode": lean_ok,
         "wall_s": time.perf_counter() - started,
-        "command": "python -m retrieval_heads.bench " + " ".join(args.argv),
+        "command": "python benchmarks/bench.py " + " ".join(args.argv),
         "results": rows,
     }
 
@@ -1132,7 +1131,7 @@ def _lengths(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m retrieval_heads.bench",
+        prog="python benchmarks/bench.py",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     parser.add_argument("--lengths", type=_lengths, default=None, help="e.g. 1024,2048,4096")
