@@ -130,13 +130,13 @@ def detect_or_load(
     shard: Any = None,
 ) -> tuple[dict[str, Any], Any, list, str] | None:
     """``(meta, HeadScores, records, source)``: read ``scores`` (a results directory or any file
-    :func:`~retrieval_heads.results.load_results` reads) when given, else detect on
+    :func:`~retrieval_heads.store.load_results` reads) when given, else detect on
     ``model_name`` into ``out`` (resumable: a rerun reuses what is there). With ``shard`` (a
     :class:`~retrieval_heads.sharding.Shard`) only that share is detected, into
     ``out/shards/``, and ``None`` is returned: the run's scores exist once the shards are
     merged."""
-    from retrieval_heads.results import load_results
     from retrieval_heads.scoring import detect
+    from retrieval_heads.store import load_results
 
     if scores is not None:
         meta, head_scores, records = load_results(scores)
@@ -223,13 +223,13 @@ def _clean(value: Any) -> Any:
 def _check_output(path: Path) -> None:
     """An experiment's file never lands on a results folder's own files (meta.json, trials/,
     ...); rewriting its own earlier output is fine."""
-    from retrieval_heads.results import check_output_file
+    from retrieval_heads.files import check_output_file
 
     check_output_file(path, "experiment output", is_ours=lambda _: True)
 
 
 def write_json(path: Path, value: Any) -> Path:
-    from retrieval_heads.results import atomic_write_text
+    from retrieval_heads.files import atomic_write_text
 
     _check_output(path)
     atomic_write_text(path, json.dumps(_clean(value), indent=2, allow_nan=False) + "\n")
@@ -237,7 +237,7 @@ def write_json(path: Path, value: Any) -> Path:
 
 
 def write_text(path: Path, text: str) -> Path:
-    from retrieval_heads.results import atomic_write_text
+    from retrieval_heads.files import atomic_write_text
 
     _check_output(path)
     atomic_write_text(path, text)

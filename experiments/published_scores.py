@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     from intrinsic import compare
 
     from retrieval_heads import analysis
-    from retrieval_heads.results import load_results
+    from retrieval_heads.store import load_results
     from retrieval_heads.views import figures
 
     say = C.Clock()

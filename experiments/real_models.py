@@ -47,7 +47,8 @@ QUESTIONS = Path(__file__).resolve().parent / "questions" / "cot_vs_facts.jsonl"
 
 def _scorer_agreement(detect_dir: Path, k: int) -> dict:
     from retrieval_heads import analysis
-    from retrieval_heads.results import HeadScores, load_results
+    from retrieval_heads.scores import HeadScores
+    from retrieval_heads.store import load_results
 
     _, _, records = load_results(detect_dir)
     by = {s: HeadScores.from_records(records, s) for s in ("retrieval", "topk", "attention_mass")}
@@ -107,7 +108,7 @@ def _layer_profile(detect_dir: Path, model: str) -> dict:
     away can only be copied by a global layer: the events are split by that distance."""
     import numpy as np
 
-    from retrieval_heads.results import load_results
+    from retrieval_heads.store import load_results
 
     meta, scores, records = load_results(detect_dir)
     windows = _layer_windows(model, meta)
@@ -274,7 +275,7 @@ def gather(out: Path, model: str) -> dict:
     """The stages' own JSON files in one (a stage not run yet is absent), with provenance."""
     import json
 
-    from retrieval_heads.results import provenance
+    from retrieval_heads.files import provenance
 
     summary: dict = {"model": model, "provenance": provenance()}
     for stage, name in STAGE_FILES.items():

@@ -9,7 +9,7 @@
 - tables across models ("universal" table, a paper-style fixed-width summary);
 - K-sweep summaries of ablation runs: accuracy and recall per K and selection, over draws.
 
-Inputs are :class:`~retrieval_heads.results.HeadScores` or plain ``[layer, head]`` arrays;
+Inputs are :class:`~retrieval_heads.scores.HeadScores` or plain ``[layer, head]`` arrays;
 heads without a score (NaN) are left out of every count and statistic.
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from retrieval_heads.heads import Head
-from retrieval_heads.results import HeadScores, TrialRecord
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.scores import HeadScores
 
 __all__ = [
     "RETRIEVAL_THRESHOLD",

@@ -79,7 +79,8 @@ from retrieval_heads.interventions import (
     mean_head_z,
 )
 from retrieval_heads.model import HookedModel
-from retrieval_heads.results import HeadScores, ResultsDir, TrialRecord
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.scores import HeadScores
 from retrieval_heads.scoring import (
     ANSWER_ROOM,
     SCORERS,
@@ -90,6 +91,7 @@ from retrieval_heads.scoring import (
     score_trial,
 )
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
+from retrieval_heads.store import ResultsDir
 
 __all__ = [
     "SELECTIONS",

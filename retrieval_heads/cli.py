@@ -429,7 +429,7 @@ def model_and_scores(args):
     another model of the same shape (another checkpoint) are used with a warning."""
     import numpy as np
 
-    from retrieval_heads.results import load_results
+    from retrieval_heads.store import load_results
 
     meta, scores, _ = load_results(args.scores)
     kind = meta.get("kind")
@@ -500,7 +500,7 @@ def sharded(command):
     merges and prints the whole run; with ``--shard`` it says where the share went."""
 
     def run(args) -> int:
-        from retrieval_heads.results import check_output_folder
+        from retrieval_heads.files import check_output_folder
         from retrieval_heads.scoring import detection_failure
         from retrieval_heads.sharding import Job, shard_dir
 
@@ -528,7 +528,7 @@ def sharded(command):
 
 def print_merged(merged, top: int) -> None:
     from retrieval_heads import analysis
-    from retrieval_heads.results import HeadScores
+    from retrieval_heads.scores import HeadScores
 
     print(f"merged {merged.count} shards: {len(merged.records)} trials -> {merged.path}")
     if merged.kind == "detect":
@@ -551,12 +551,8 @@ def cmd_patch(args) -> int:
     import json
 
     from retrieval_heads import causal, registry
-    from retrieval_heads.results import (
-        atomic_write_text,
-        check_output_file,
-        check_output_folder,
-        load_results,
-    )
+    from retrieval_heads.files import atomic_write_text, check_output_file, check_output_folder
+    from retrieval_heads.store import load_results
 
     entry = registry.lookup(args.model)
     if entry is None or entry.world != "tiny":
@@ -606,7 +602,7 @@ def cmd_kv_sim(args) -> int:
         shard=args.shard,
     )
     if args.shard is None:
-        from retrieval_heads.results import read_meta
+        from retrieval_heads.store import read_meta
 
         print_kv_sim(args.out, sweep.records, read_meta(args.out), args.tolerance)
     return 0
@@ -642,7 +638,7 @@ def print_kv_sim(out: Path, records, meta: dict, tolerance: float = 0.05) -> Non
 
 
 def cmd_report(args) -> int:
-    from retrieval_heads.results import check_output_file
+    from retrieval_heads.files import check_output_file
     from retrieval_heads.views.report import build_report, is_report_file
 
     check_output_file(args.out, "report", is_ours=is_report_file)  # before the model loads
@@ -658,7 +654,7 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from retrieval_heads import analysis
-    from retrieval_heads.results import load_results
+    from retrieval_heads.store import load_results
 
     _, a, _ = load_results(args.a)
     _, b, _ = load_results(args.b)
@@ -672,7 +668,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from retrieval_heads.results import load_results, write_published
+    from retrieval_heads.published import write_published
+    from retrieval_heads.store import load_results
 
     _, scores, _ = load_results(args.results)
     write_published(scores, args.out)

@@ -29,7 +29,7 @@ given context (MuSiQue). This module is the harness for that experiment on any m
 - :func:`summarize` / :func:`format_summary`: accuracy per kind x prompting x condition, mean ±
   std over random draws (:func:`retrieval_heads.analysis.k_sweep` on each group).
 
-Records are :class:`~retrieval_heads.results.TrialRecord` s (``kind="cot"`` results directory;
+Records are :class:`~retrieval_heads.records.TrialRecord` s (``kind="cot"`` results directory;
 zero score tables, no copy events), their ``params`` holding the question, ``prompting``
 (``"direct"`` or ``"cot"``), the condition (``k``, ``selection``, ``draw``, ``ablated``,
 ``mode``, ``phase``), the extracted answer and the grade. Record ids are
@@ -562,7 +562,7 @@ def run(
 
     Conditions (:func:`retrieval_heads.causal.plan_conditions`, matched-layer controls off):
     K=0 (nothing ablated), and for each K>0 the top-K heads of ``scores`` (a
-    :class:`~retrieval_heads.results.HeadScores` or ``[layer, head]`` array of this model) and
+    :class:`~retrieval_heads.scores.HeadScores` or ``[layer, head]`` array of this model) and
     ``draws`` seeded draws of K random heads scoring <= ``threshold``. ``mode`` and ``phase``
     are :func:`~retrieval_heads.interventions.ablate`'s (``"uniform"``/``"zero"``; phase
     ``"decode"``, the default: decode steps only, so the prompt is read intact and the answer
@@ -572,7 +572,8 @@ def run(
     from retrieval_heads import analysis
     from retrieval_heads.causal import plan_conditions
     from retrieval_heads.interventions import ablate
-    from retrieval_heads.results import ResultsDir, TrialRecord
+    from retrieval_heads.records import TrialRecord
+    from retrieval_heads.store import ResultsDir
 
     if mode not in ("uniform", "zero"):
         raise ValueError(f"mode must be 'uniform' or 'zero' (needle-free modes), got {mode!r}")

@@ -6,7 +6,7 @@ sweep's order. Shard ``i`` of ``N`` owns the units at positions ``p`` with ``p %
 robin rather than contiguous blocks: a grid is ordered by length, so blocks would give one shard
 all the long trials; interleaved, every shard gets the same mix and they finish together.
 
-A shard writes an ordinary results directory (:class:`~retrieval_heads.results.ResultsDir`)
+A shard writes an ordinary results directory (:class:`~retrieval_heads.store.ResultsDir`)
 inside the run's output directory, with the kind, model, config and seed of the unsharded run
 and its share in ``meta.json`` (``extra.shard``: index, count, units owned, units in the sweep)::
 
@@ -27,8 +27,9 @@ A process gets its share in one of two ways (:class:`Job`):
   barrier until every rank has written its shard, and rank 0 merges. When a rank dies torchrun
   stops the others; rerunning the same command resumes every shard where it stopped.
 
-This module imports only :mod:`retrieval_heads.results` (scoring and causal import it), and
-torch only inside :class:`Job`, so merging needs no model.
+This module imports only the results modules (:mod:`retrieval_heads.store`, ``records``,
+``files``; scoring and causal import it), and torch only inside :class:`Job`, so merging needs no
+model.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval_heads.results import ResultsDir, ResultsError, TrialRecord, load_records, read_meta
+from retrieval_heads.files import ResultsError
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.store import ResultsDir, load_records, read_meta
 
 __all__ = [
     "SHARDS_DIR",
@@ -284,7 +287,7 @@ def merge(
     complete set of one run: shard sets of different ``N``, shards that disagree on kind, model,
     seed or config, a shard missing or unfinished (the message says which, and how to finish
     it), or a trial id in two shards. ``out`` itself must be empty or hold the same run (as
-    :class:`~retrieval_heads.results.ResultsDir` checks). Safe to rerun: records already in
+    :class:`~retrieval_heads.store.ResultsDir` checks). Safe to rerun: records already in
     ``out`` are skipped, and every file is written atomically, so a merge killed halfway is
     completed by the next.
 

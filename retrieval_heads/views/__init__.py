@@ -1,6 +1,6 @@
 """Views of results: plotly figures, circuitsvis attention views, the self-contained report.
 
-Nothing here computes scores. ``figures`` draws :class:`~retrieval_heads.results.HeadScores`,
+Nothing here computes scores. ``figures`` draws :class:`~retrieval_heads.scores.HeadScores`,
 trial records and analysis rows; ``attention`` shows single trials (circuitsvis, imported on
 first use); ``report`` puts everything that applies to a set of result directories in one HTML
 file that needs no network; ``browser`` (not imported here) checks such a file in headless

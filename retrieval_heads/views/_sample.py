@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval_heads.results import ResultsDir, TrialRecord
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.store import ResultsDir
 
 __all__ = ["sample_scores", "write_detection", "write_ablation"]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval_heads.haystack import Haystack, Trial
-    from retrieval_heads.results import TrialRecord
+    from retrieval_heads.records import TrialRecord
 
 __all__ = ["pick_trials", "rebuild_trials"]
 

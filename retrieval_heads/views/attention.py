@@ -40,15 +40,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval_heads.files import atomic_write_text, check_output_file
 from retrieval_heads.heads import Head
-from retrieval_heads.results import atomic_write_text, check_output_file
 from retrieval_heads.views._attention_grid import AttentionGrid, Crop, choose_columns, crop_of
 from retrieval_heads.views._html import esc, fmt_int, inline_js, script_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval_heads.haystack import Trial
     from retrieval_heads.model import HookedModel
-    from retrieval_heads.results import TrialRecord
+    from retrieval_heads.records import TrialRecord
 
 __all__ = [
     "AttentionGrid",

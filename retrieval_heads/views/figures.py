@@ -29,7 +29,8 @@ from plotly.subplots import make_subplots
 from retrieval_heads import analysis
 from retrieval_heads.analysis import RETRIEVAL_THRESHOLD, KSweepRow, KVPoint
 from retrieval_heads.heads import Head
-from retrieval_heads.results import HeadScores, TrialRecord
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.scores import HeadScores
 from retrieval_heads.views._html import esc, fmt_float, fmt_int
 from retrieval_heads.views._layers import LayerWindows, is_mixed, mark_layers, windows_summary
 

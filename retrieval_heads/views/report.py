@@ -1,7 +1,7 @@
 """The self-contained HTML report: one file, no network, every figure that applies.
 
 :func:`build_report` reads result directories (or score files; see
-:func:`~retrieval_heads.results.load_results`) and writes one HTML file holding plotly.js once
+:func:`~retrieval_heads.store.load_results`) and writes one HTML file holding plotly.js once
 (inline), the circuitsvis bundle once (inline, only when there are attention views), and per
 result set: a header (model, kind, config, seed, package versions, commit, dates from
 ``meta.json``) and the figures its results allow:
@@ -47,14 +47,10 @@ import numpy as np
 
 from retrieval_heads import analysis
 from retrieval_heads.analysis import RETRIEVAL_THRESHOLD
-from retrieval_heads.results import (
-    HeadScores,
-    ResultsError,
-    TrialRecord,
-    atomic_write_text,
-    check_output_file,
-    load_results,
-)
+from retrieval_heads.files import ResultsError, atomic_write_text, check_output_file
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.scores import HeadScores
+from retrieval_heads.store import load_results
 from retrieval_heads.views import figures
 from retrieval_heads.views._html import esc, fmt_float, fmt_int, plotly_js
 from retrieval_heads.views._layers import (

@@ -38,7 +38,8 @@ from support import subprocess_env
 
 from retrieval_heads import cli as cli_module
 from retrieval_heads import registry
-from retrieval_heads.results import ResultsDir, ResultsError, load_results
+from retrieval_heads.files import ResultsError
+from retrieval_heads.store import ResultsDir, load_results
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -983,7 +984,7 @@ def test_e56_output_onto_a_results_folders_files(cli, run_dir, tmp_path, tiny_mo
     """No command writes over a results folder's files, its own run's or another's."""
     import numpy as np
 
-    from retrieval_heads.results import write_published
+    from retrieval_heads.published import write_published
     from retrieval_heads.views.attention import attention_view
     from retrieval_heads.views.report import build_report
 
@@ -1222,8 +1223,8 @@ def test_e67_kv_sim_export_on_sliding_window_layers(gemma3_gqa_model, word_token
 
     from retrieval_heads import kvcache
     from retrieval_heads.cli import print_kv_sim
-    from retrieval_heads.results import read_meta
     from retrieval_heads.scoring import DecodeConfig
+    from retrieval_heads.store import read_meta
 
     model = gemma3_gqa_model
     windows = model.layer_windows()

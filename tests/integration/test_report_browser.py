@@ -19,7 +19,7 @@ import os
 import numpy as np
 import pytest
 
-from retrieval_heads.results import load_results
+from retrieval_heads.store import load_results
 from retrieval_heads.views import _sample, attention_view, build_report
 from retrieval_heads.views.browser import check_page, find_chromium
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from retrieval_heads.haystack import tiny_grid
-from retrieval_heads.results import HeadScores
+from retrieval_heads.scores import HeadScores
 from retrieval_heads.scoring import (
     DecodeConfig,
     DetectionError,

@@ -14,7 +14,8 @@ import pytest
 
 from retrieval_heads import analysis
 from retrieval_heads.heads import Head
-from retrieval_heads.results import HeadScores, load_results
+from retrieval_heads.scores import HeadScores
+from retrieval_heads.store import load_results
 from retrieval_heads.views import (
     CircuitsVisView,
     _sample,
@@ -322,7 +323,7 @@ def test_trial_attention_with_the_tiny_model(tiny_model):
     import torch
 
     from retrieval_heads.haystack import Haystack, PromptTemplate, build_trial, tiny_needles
-    from retrieval_heads.results import TrialRecord
+    from retrieval_heads.records import TrialRecord
     from retrieval_heads.views import trial_attention
 
     model = tiny_model

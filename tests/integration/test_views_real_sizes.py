@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from retrieval_heads.results import ResultsDir, load_results
+from retrieval_heads.store import ResultsDir, load_results
 from retrieval_heads.views import (
     _sample,
     activation_frequency_heatmap,

@@ -165,7 +165,7 @@ def test_cot_harness_on_a_random_model(runs, tiny_llama_dir, word_tokenizer):
     """The real-model harness runs end to end (answers are nonsense: the tokenizer cannot
     spell English), records every answer with its ablation, and grades deterministically."""
     from retrieval_heads import cot
-    from retrieval_heads.results import load_records
+    from retrieval_heads.store import load_records
 
     # heads 0.0 and 0.1 are the "retrieval heads"; the other six score below the threshold
     scores = {f"{layer}-{head}": [0.05] for layer in range(2) for head in range(4)}

@@ -11,7 +11,9 @@ import pytest
 
 from retrieval_heads import analysis as A
 from retrieval_heads.heads import Head
-from retrieval_heads.results import HeadScores, TrialRecord, import_published
+from retrieval_heads.published import import_published
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.scores import HeadScores
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "published"
 

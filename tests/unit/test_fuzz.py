@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from retrieval_heads.files import ResultsError
 from retrieval_heads.haystack import (
     BoundaryFallbackWarning,
     Haystack,
@@ -29,13 +30,10 @@ from retrieval_heads.haystack import (
     load_needles,
 )
 from retrieval_heads.heads import Head, parse_heads
-from retrieval_heads.results import (
-    HeadScores,
-    ResultsError,
-    TrialRecord,
-    import_published,
-    load_results,
-)
+from retrieval_heads.published import import_published
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.scores import HeadScores
+from retrieval_heads.store import load_results
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOWER = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

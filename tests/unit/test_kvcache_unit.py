@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from retrieval_heads import analysis, kvcache
 from retrieval_heads.interventions import window_mask
 from retrieval_heads.kvcache import KVPolicy
-from retrieval_heads.results import TrialRecord
+from retrieval_heads.records import TrialRecord
 
 
 @given(

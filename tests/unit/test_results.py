@@ -1,4 +1,6 @@
-"""Unit tests of retrieval_heads.results: records, head scores, the published format, results dirs."""
+"""Unit tests of the results modules: records, head scores, the published format, results dirs
+(``retrieval_heads.records``, ``scores``, ``published``, ``store``, ``lock``, ``files``), and the
+``retrieval_heads.results`` names kept for compatibility."""
 
 from __future__ import annotations
 
@@ -16,19 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from retrieval_heads import files, lock
 from retrieval_heads import results as R
+from retrieval_heads.files import ResultsError, ResultsLocked
 from retrieval_heads.heads import Head
-from retrieval_heads.results import (
-    HeadScores,
-    ResultsDir,
-    ResultsError,
-    ResultsLocked,
-    TrialRecord,
-    dumps_published,
-    export_published,
-    import_published,
-    load_results,
-)
+from retrieval_heads.published import dumps_published, export_published, import_published
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.scores import HeadScores
+from retrieval_heads.store import ResultsDir, load_results
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "published"
 FIXTURE_FILES = sorted(FIXTURES.glob("*.json"))
@@ -392,14 +389,14 @@ def test_fuzz_importer_raises_only_results_errors(data):
 
 def test_atomic_write_crash_before_rename_keeps_old_file(tmp_path, monkeypatch):
     target = tmp_path / "head_scores.json"
-    R.atomic_write_text(target, "old contents\n")
+    files.atomic_write_text(target, "old contents\n")
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed between temp write and rename")
 
-    monkeypatch.setattr(R.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        R.atomic_write_text(target, "new contents that never land\n")
+        files.atomic_write_text(target, "new contents that never land\n")
     assert target.read_text() == "old contents\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head_scores.json"]
 
@@ -411,9 +408,9 @@ def test_hard_kill_before_rename_leaves_old_file_and_temp_is_cleaned(tmp_path):
     meta_before = (run / "meta.json").read_text()
     script = f"""
         import os, signal
-        from retrieval_heads import results as R
+        from retrieval_heads import files
         os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-        R.atomic_write_text(R.Path({str(run / "meta.json")!r}), "half")
+        files.atomic_write_text(files.Path({str(run / "meta.json")!r}), "half")
     """
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True)
     assert proc.returncode == -9
@@ -450,7 +447,7 @@ def test_results_dir_append_resume_finalize(tmp_path):
     assert not list((run / "trials").glob("*.json"))  # merged into trials.jsonl
     meta = json.loads((run / "meta.json").read_text())
     assert meta["status"] == "finished" and meta["n_trials"] == 3 and meta["n_passed"] == 2
-    assert meta["schema_version"] == R.SCHEMA_VERSION and meta["kind"] == "detect"
+    assert meta["schema_version"] == files.SCHEMA_VERSION and meta["kind"] == "detect"
     assert meta["timing"]["wall_s"] == 1.5 and meta["scorers"] == ["retrieval", "topk"]
     assert "packages" in meta["provenance"] and len(meta["resumed"]) == 1
     # resume after finalize: ids in trials.jsonl count as done; no duplicates after a 2nd finalize
@@ -483,7 +480,7 @@ def test_killed_run_loses_only_the_trial_in_flight_and_lock_is_released(tmp_path
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_results import make_record
-        from retrieval_heads.results import ResultsDir
+        from retrieval_heads.store import ResultsDir
         rd = ResultsDir({str(run)!r}, model="m", config={{"x": 1}})
         for i in range(3):
             rd.append(make_record(f"t{{i}}"))
@@ -515,7 +512,7 @@ def test_lock_refuses_a_second_writer(tmp_path):
 
 def test_pid_file_lock_without_flock(tmp_path, monkeypatch):
     """Where flock is missing, the lock is an O_EXCL pid file; a dead holder's is stale."""
-    monkeypatch.setattr(R, "fcntl", None)
+    monkeypatch.setattr(lock, "fcntl", None)
     run = tmp_path / "run"
     first = ResultsDir(run, model="m")
     with pytest.raises(ResultsLocked, match=f"pid {os.getpid()}"):
@@ -525,7 +522,7 @@ def test_pid_file_lock_without_flock(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (run / ".lock").write_text(
-        json.dumps({"pid": dead.pid, "host": R.socket.gethostname(), "time": "then"})
+        json.dumps({"pid": dead.pid, "host": lock.socket.gethostname(), "time": "then"})
     )
     with ResultsDir(run, model="m") as rd:  # stale: its pid is gone
         assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
@@ -646,7 +643,7 @@ def test_corrupt_trials_jsonl_names_the_line(tmp_path):
 
 
 def test_provenance_and_no_model_imports():
-    info = R.provenance()
+    info = files.provenance()
     assert info["python"] and "numpy" in info["packages"] and "time" in info
     assert info["git"] is None or len(info["git"]["commit"]) == 40
     code = (
@@ -662,8 +659,49 @@ def test_atomic_writes_get_the_umask_mode_not_0600(tmp_path):
     import os
     import stat
 
-    from retrieval_heads.results import _UMASK, atomic_write_text
+    from retrieval_heads.files import _UMASK, atomic_write_text
 
     target = tmp_path / "shared.json"
     atomic_write_text(target, "{}")
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~_UMASK
+
+
+def test_results_module_keeps_every_public_name_of_the_split():
+    """``from retrieval_heads.results import X`` works for every public name ``results.py`` had
+    before records, scores, published, store and files took them over, and gives the same object."""
+    import importlib
+
+    owners = {
+        "files": "SCHEMA_VERSION HEAD_SCORES_SCHEMA RESULTS_SCHEMA META_FILE SCORES_FILE "
+        "TRIALS_FILE TRIALS_DIR LOCK_FILE OWNED_NAMES ResultsError ResultsLocked provenance "
+        "atomic_write_text results_folder_of check_output_file check_output_folder",
+        "records": "TrialRecord",
+        "scores": "HeadScores MAX_RESAMPLES",
+        "published": "import_published export_published dumps_published write_published",
+        "store": "ResultsDir load_records read_meta load_results",
+    }
+    for module, names in owners.items():
+        owner = importlib.import_module(f"retrieval_heads.{module}")
+        for name in names.split():
+            assert getattr(R, name) is getattr(owner, name), name
+    assert R.__all__ == [
+        "SCHEMA_VERSION",
+        "HEAD_SCORES_SCHEMA",
+        "RESULTS_SCHEMA",
+        "ResultsError",
+        "ResultsLocked",
+        "TrialRecord",
+        "HeadScores",
+        "ResultsDir",
+        "import_published",
+        "export_published",
+        "dumps_published",
+        "write_published",
+        "load_results",
+        "load_records",
+        "read_meta",
+        "provenance",
+        "atomic_write_text",
+        "check_output_file",
+        "check_output_folder",
+    ]

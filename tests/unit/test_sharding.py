@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_heads.results import ResultsDir, TrialRecord
+from retrieval_heads.records import TrialRecord
 from retrieval_heads.sharding import Job, MergeError, Shard, merge, owned, shard_dir, shard_meta
+from retrieval_heads.store import ResultsDir
 
 CONFIG = {"lengths": [100, 200], "depths": [0, 50, 100], "trials": 10}
 
