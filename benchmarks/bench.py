@@ -193,11 +193,12 @@ def build_model_dir(
 
 def build_trials(model_dir: Path, lengths: list[int], seed: int = 0) -> dict[str, dict]:
     """One needle-in-a-haystack trial per length (needle at 50 % depth) plus a warm-up trial."""
-    from retrieval_heads.haystack import Haystack, PromptTemplate, build_trial, tiny_needles
     from retrieval_heads.model import _load_local_tokenizer
+    from retrieval_heads.tiny.trials import tiny_haystack, tiny_needles, tiny_template
+    from retrieval_heads.trials.builder import build_trial
 
     tokenizer = _load_local_tokenizer(model_dir, False)
-    haystack = Haystack.tiny(seed)
+    haystack = tiny_haystack(seed)
     needle = tiny_needles(1, seed)[0]
     trials = {}
     for length in [WARMUP_LENGTH, *lengths]:
@@ -207,7 +208,7 @@ def build_trials(model_dir: Path, lengths: list[int], seed: int = 0) -> dict[str
             needle,
             length=length,
             depth_percent=50.0,
-            template=PromptTemplate.tiny(),
+            template=tiny_template(),
             seed=seed,
         )
         trials[str(length)] = trial.to_dict()
@@ -329,7 +330,7 @@ class _Runner:
     def run(self, trial_dict: dict) -> tuple[list[int], dict[str, float]]:
         import torch
 
-        from retrieval_heads.haystack import Trial
+        from retrieval_heads.trials.trial import Trial
 
         trial = Trial.from_dict(trial_dict)
         with torch.no_grad():
@@ -961,8 +962,8 @@ def _real_setup(device: str, lengths: list[int], workdir: Path, log) -> tuple[An
     """(hooked model, HF folder, {length: Trial}, description): the real model when installed,
     else a random model of its shape with the tiny world's prompts."""
     from retrieval_heads import registry
-    from retrieval_heads.haystack import Trial
     from retrieval_heads.model import load_model
+    from retrieval_heads.trials.trial import Trial
 
     if registry.state(REAL_MODEL).startswith("installed"):
         from retrieval_heads.trials import make_trials

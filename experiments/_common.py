@@ -85,7 +85,7 @@ def load(name: str) -> Any:
 
 def default_lengths(n_ctx: int, n: int = 3) -> list[int]:
     """``n`` lengths up to the context (tiny: 200, 600, 1000; tiny-short: 64, 157, 250)."""
-    from retrieval_heads.haystack import linspace_lengths
+    from retrieval_heads.trials.grid import linspace_lengths
 
     high = n_ctx - 6 if n_ctx <= 512 else n_ctx - 24
     low = max(64, round(high / 5))

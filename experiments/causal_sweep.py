@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from retrieval_heads import analysis, causal
-    from retrieval_heads.haystack import tiny_grid
+    from retrieval_heads.tiny.trials import tiny_grid
     from retrieval_heads.views import figures
 
     say = C.Clock()

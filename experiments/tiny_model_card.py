@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
 
-    from retrieval_heads.haystack import tiny_grid
     from retrieval_heads.model import load_model
     from retrieval_heads.scoring import detect
     from retrieval_heads.tiny.data import Builder
+    from retrieval_heads.tiny.trials import tiny_grid
 
     model = load_model(args.model)
     top = model.n_ctx - 24

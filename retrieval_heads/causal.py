@@ -59,16 +59,6 @@ from torch import Tensor
 
 from retrieval_heads import analysis
 from retrieval_heads.grading import FAILURE_KINDS, classify_failure, exact_match, grade
-from retrieval_heads.haystack import (
-    Haystack,
-    Needle,
-    NeedleSet,
-    PromptTemplate,
-    Trial,
-    build_trial,
-    tiny_grid,
-    tiny_needle_sets,
-)
 from retrieval_heads.heads import Head, parse_heads
 from retrieval_heads.interventions import (
     MODES,
@@ -92,6 +82,10 @@ from retrieval_heads.scoring import (
 )
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 from retrieval_heads.store import ResultsDir
+from retrieval_heads.trials import world_trials
+from retrieval_heads.trials.builder import build_trial
+from retrieval_heads.trials.needles import Needle, NeedleSet
+from retrieval_heads.trials.trial import Trial
 
 __all__ = [
     "SELECTIONS",
@@ -1095,6 +1089,12 @@ def _world():
     return world
 
 
+def _tiny_trials():
+    # The embedded world's trials (tiny_grid, tiny_needle_sets, its haystack and template),
+    # through the trials package's one seam to them.
+    return world_trials("tiny")
+
+
 def _encode(model: HookedModel, text: str, what: str) -> list[int]:
     tokenizer = model.tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -1178,8 +1178,8 @@ def chain_trials(
     if hops < 1:
         raise ValueError(f"hops must be >= 1, got {hops}")
     rng = _rng("chain_trials", seed, hops)
-    haystack = Haystack.tiny(seed)
-    template = PromptTemplate.tiny()
+    haystack = _tiny_trials().tiny_haystack(seed)
+    template = _tiny_trials().tiny_template()
     out = []
     for i in range(n):
         chain = world.make_chain(rng, hops, split="test")
@@ -1277,7 +1277,7 @@ def control_sweep(
     if "niah" in tasks:
         if niah_trials is None:
             n_needles = math.ceil(n / 5)
-            niah_trials = tiny_grid(
+            niah_trials = _tiny_trials().tiny_grid(
                 model.tokenizer,
                 lengths=[length],
                 depths=[0, 25, 50, 75, 100],
@@ -1371,9 +1371,9 @@ def patching_pairs(
     every word differs (the question, the key and every position stay the same).
     """
     world = _world()
-    sets = tiny_needle_sets(n_pairs, seed, n_distractors=n_distractors)
-    haystack = Haystack.tiny(seed)
-    template = PromptTemplate.tiny()
+    sets = _tiny_trials().tiny_needle_sets(n_pairs, seed, n_distractors=n_distractors)
+    haystack = _tiny_trials().tiny_haystack(seed)
+    template = _tiny_trials().tiny_template()
     rng = _rng("patching_pairs", seed)
     pairs = []
     for i, needle_set in enumerate(sets):

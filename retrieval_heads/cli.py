@@ -349,14 +349,14 @@ def load(args):
 
 def trials_for(model, args):
     """The NIAH grid for this model: its own world's prompts for the embedded model."""
-    from retrieval_heads import haystack as hs
     from retrieval_heads.trials import make_trials, uses_chat
+    from retrieval_heads.trials.grid import linspace_depths, linspace_lengths
 
     room = 32  # tokens left for the answer
     high = args.max_length or min(model.n_ctx, 32768) - room
     low = args.min_length or max(64, high // 8)
-    lengths = args.lengths or hs.linspace_lengths(low, high, args.n_lengths)
-    depths = args.depths if args.depths is not None else hs.linspace_depths(args.n_depths)
+    lengths = args.lengths or linspace_lengths(low, high, args.n_lengths)
+    depths = args.depths if args.depths is not None else linspace_depths(args.n_depths)
     args.chat = uses_chat(model, args.chat)  # resolved here: the run's config records it
     trials = make_trials(
         model,

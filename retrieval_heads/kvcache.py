@@ -48,7 +48,6 @@ import numpy as np
 
 from retrieval_heads import analysis
 from retrieval_heads.files import atomic_write_text
-from retrieval_heads.haystack import Trial
 from retrieval_heads.interventions import window_hooks
 from retrieval_heads.model import HookedModel
 from retrieval_heads.records import TrialRecord
@@ -56,6 +55,7 @@ from retrieval_heads.scores import HeadScores
 from retrieval_heads.scoring import DecodeConfig, check_lengths, score_trial
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 from retrieval_heads.store import ResultsDir
+from retrieval_heads.trials.trial import Trial
 
 __all__ = [
     "KVCondition",

@@ -38,12 +38,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from retrieval_heads.grading import classify_failure, grade
-from retrieval_heads.haystack import Trial, check_trial_tokens
 from retrieval_heads.model import ContextLengthError, HookedModel, RowSink
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scores import HeadScores
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 from retrieval_heads.store import ResultsDir
+from retrieval_heads.trials.builder import check_trial_tokens
+from retrieval_heads.trials.trial import Trial
 
 SCORERS = ("retrieval", "topk", "attention_mass")
 #: Default token budget for an answer: the reference code's (it stops at a newline too).

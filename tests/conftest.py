@@ -299,7 +299,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_trials(tiny_model):
     """A small NIAH grid in the embedded model's language: 2 lengths x 3 depths x 2 needles."""
-    from retrieval_heads.haystack import tiny_grid
+    from retrieval_heads.tiny.trials import tiny_grid
 
     return tiny_grid(tiny_model.tokenizer, lengths=[150, 400], depths=[0, 50, 100], n_needles=2)
 

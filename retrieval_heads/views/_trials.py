@@ -3,9 +3,10 @@
 A record keeps everything that defines its trial (``params``: length, depth, seed, haystack
 window, needles, template) but not the input ids. ``retrieval-heads report --model M`` has only
 the results folder, so it rebuilds the few trials it shows with the model's tokenizer through
-:func:`retrieval_heads.haystack.build_trial` and keeps a rebuilt trial only when its id (a hash
-of the params and the ids) equals the record's: a trial is shown exactly as it was scored, or
-not at all. Haystacks other than the built-in ones (``--haystack DIR``) cannot be rebuilt.
+:func:`retrieval_heads.trials.builder.build_trial` and keeps a rebuilt trial only when its id
+(a hash of the params and the ids) equals the record's: a trial is shown exactly as it was
+scored, or not at all. Haystacks other than the built-in ones (``--haystack DIR``) cannot be
+rebuilt; the embedded world's comes through :func:`retrieval_heads.trials.world_trials`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from retrieval_heads.haystack import Haystack, Trial
     from retrieval_heads.records import TrialRecord
+    from retrieval_heads.trials.haystacks import Haystack
+    from retrieval_heads.trials.trial import Trial
 
 __all__ = ["pick_trials", "rebuild_trials"]
 
@@ -49,17 +51,20 @@ def pick_trials(records: Sequence[TrialRecord], n: int) -> list[TrialRecord]:
 
 
 def _haystack(name: Any) -> Haystack | None:
-    from retrieval_heads.haystack import Haystack
+    from retrieval_heads.trials import world_trials
+    from retrieval_heads.trials.haystacks import Haystack
 
     if name == "filler":
         return Haystack.filler()
     match = _TINY.fullmatch(str(name))
-    return Haystack.tiny(int(match.group(1))) if match else None
+    return world_trials("tiny").tiny_haystack(int(match.group(1))) if match else None
 
 
 def _rebuild(record: TrialRecord, tokenizer: Any) -> Trial | str:
     """The record's trial, or why it cannot be rebuilt."""
-    from retrieval_heads.haystack import Needle, NeedleSet, PromptTemplate, build_trial
+    from retrieval_heads.trials.builder import build_trial
+    from retrieval_heads.trials.needles import Needle, NeedleSet
+    from retrieval_heads.trials.template import PromptTemplate
 
     p = record.params
     haystack = _haystack(p.get("haystack"))

@@ -46,9 +46,9 @@ from retrieval_heads.views._attention_grid import AttentionGrid, Crop, choose_co
 from retrieval_heads.views._html import esc, fmt_int, inline_js, script_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from retrieval_heads.haystack import Trial
     from retrieval_heads.model import HookedModel
     from retrieval_heads.records import TrialRecord
+    from retrieval_heads.trials.trial import Trial
 
 __all__ = [
     "AttentionGrid",
@@ -503,7 +503,7 @@ def trial_attention(
     title: str | None = None,
 ) -> TrialAttention:
     """The attention views of one scored trial: runs ``model.attention_rows`` on the prompt
-    (``trial_ids``: a :class:`~retrieval_heads.haystack.Trial`, or its input ids) followed by
+    (``trial_ids``: a :class:`~retrieval_heads.trials.trial.Trial`, or its input ids) followed by
     the record's generated ids, at the first ``max_steps`` answer steps.
 
     Needle, answer, question and distractor spans come from a ``Trial``, else from the

@@ -64,8 +64,8 @@ from retrieval_heads.views._layers import (
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go
 
-    from retrieval_heads.haystack import Trial
     from retrieval_heads.model import HookedModel
+    from retrieval_heads.trials.trial import Trial
 
 __all__ = [
     "ResultSet",

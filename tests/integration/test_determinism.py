@@ -52,7 +52,7 @@ def test_same_seed_gives_byte_identical_head_scores_on_cpu(tmp_path, tiny_model)
     assert_identical(first, second)
 
     # the seed is what fixes them: another one places the needles elsewhere (other trial ids)
-    from retrieval_heads.haystack import tiny_grid
+    from retrieval_heads.tiny.trials import tiny_grid
 
     def ids(seed: int) -> list[str]:
         grid = tiny_grid(tiny_model.tokenizer, lengths=[150, 200], depths=[0, 100], n_needles=1,

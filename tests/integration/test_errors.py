@@ -151,7 +151,7 @@ def run_dir(finished, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def needles_file(tmp_path_factory) -> Path:
     """Two needles in the embedded model's language (JSONL)."""
-    from retrieval_heads.haystack import tiny_needles
+    from retrieval_heads.tiny.trials import tiny_needles
 
     path = tmp_path_factory.mktemp("needles") / "needles.jsonl"
     path.write_text("".join(json.dumps(n.to_dict()) + "\n" for n in tiny_needles(2)))
@@ -160,7 +160,7 @@ def needles_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trials(tiny_model):
-    from retrieval_heads.haystack import tiny_grid
+    from retrieval_heads.tiny.trials import tiny_grid
 
     return tiny_grid(tiny_model.tokenizer, lengths=[150], depths=[50], n_needles=2)
 
@@ -310,9 +310,9 @@ def test_e12_bad_n_ctx(cli, tmp_path):
 
 def test_e13_context_longer_than_the_window(cli, tmp_path, tiny_model):
     from retrieval_heads import causal
-    from retrieval_heads.haystack import tiny_grid
     from retrieval_heads.model import ContextLengthError
     from retrieval_heads.scoring import detect
+    from retrieval_heads.tiny.trials import tiny_grid
 
     out = tmp_path / "run"
     run = cli("detect", "--model", "tiny", "--lengths", "2000", *ONE[2:], "--out", out)
@@ -1147,7 +1147,7 @@ def test_e63_needle_and_answer_in_other_unicode_forms(tmp_path):
     """'Zoë' typed with a combining diaeresis is the answer in a needle typed with 'ë'."""
     import unicodedata
 
-    from retrieval_heads.haystack import load_needles
+    from retrieval_heads.trials.needles import load_needles
 
     nfc, nfd = "Zo\u00eb", unicodedata.normalize("NFD", "Zo\u00eb")
     assert nfc != nfd
@@ -1160,9 +1160,9 @@ def test_e63_needle_and_answer_in_other_unicode_forms(tmp_path):
 
 def test_e64_trial_of_another_models_tokenizer(tiny_model, llama_model):
     """Ids from another tokenizer mean other words: refused before any decoding."""
-    from retrieval_heads.haystack import TrialError
     from retrieval_heads.scoring import score_trial
     from retrieval_heads.trials import make_trials
+    from retrieval_heads.trials.base import TrialError
 
     (trial,) = make_trials(tiny_model, lengths=[150], depths=[50], n_needles=1)
     with pytest.raises(TrialError, match=r"was not tokenized for .*make_trials\(model, \.\.\.\)"):
@@ -1200,8 +1200,8 @@ def test_e65_scores_that_are_not_a_finished_detection(cli, tmp_path, run_dir, ca
 def test_e66_more_needles_than_there_are(cli, tmp_path, needles_file, llama_model, tiny_model):
     """--n-needles means the first N targets, of the built-in needles or of --needles; asking
     for more than there are is refused (it used to be silently fewer, or ignored for a file)."""
-    from retrieval_heads.haystack import TrialError
     from retrieval_heads.trials import make_trials
+    from retrieval_heads.trials.base import TrialError
 
     with pytest.raises(TrialError, match=r"--n-needles 9: there are only 5 needles: write more"):
         make_trials(llama_model, lengths=[100], depths=[0], n_needles=9)

@@ -12,11 +12,11 @@ import torch
 from support import subprocess_env
 
 from retrieval_heads import kvcache
-from retrieval_heads.haystack import tiny_grid
 from retrieval_heads.interventions import window_hooks, window_mask
 from retrieval_heads.kvcache import KVPolicy
 from retrieval_heads.scoring import DecodeConfig, detect, score_trial
 from retrieval_heads.store import load_results
+from retrieval_heads.tiny.trials import tiny_grid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval_heads.haystack import Haystack, Needle, PromptTemplate, build_trial
 from retrieval_heads.scoring import DecodeConfig, _StepStats, score_trial
+from retrieval_heads.trials.builder import build_trial
+from retrieval_heads.trials.haystacks import Haystack
+from retrieval_heads.trials.needles import Needle
+from retrieval_heads.trials.template import PromptTemplate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -51,13 +51,8 @@ def _report_problems(check) -> str:
 
 def test_report_renders_in_headless_chromium(chromium, tmp_path):
     from retrieval_heads import kvcache, load_model
-    from retrieval_heads.haystack import (
-        Haystack,
-        PromptTemplate,
-        build_trial,
-        tiny_grid,
-        tiny_needles,
-    )
+    from retrieval_heads.tiny.trials import tiny_grid, tiny_haystack, tiny_needles, tiny_template
+    from retrieval_heads.trials.builder import build_trial
 
     model = load_model("tiny")
     detect = _sample.write_detection(
@@ -87,11 +82,11 @@ def test_report_renders_in_headless_chromium(chromium, tmp_path):
     trials = {
         r.trial_id: build_trial(
             model.tokenizer,
-            Haystack.tiny(),
+            tiny_haystack(),
             tiny_needles(1, seed=i)[0],
             length=600,
             depth_percent=50,
-            template=PromptTemplate.tiny(),
+            template=tiny_template(),
         )
         for i, r in enumerate(passing[:2])
     }

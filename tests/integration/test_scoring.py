@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from retrieval_heads.haystack import tiny_grid
 from retrieval_heads.scores import HeadScores
 from retrieval_heads.scoring import (
     DecodeConfig,
@@ -16,6 +15,7 @@ from retrieval_heads.scoring import (
     iter_detect,
     score_trial,
 )
+from retrieval_heads.tiny.trials import tiny_grid
 
 
 def force_attention(model, layer: int, head: int, target_of_step):
@@ -98,7 +98,10 @@ def test_streaming_scores_equal_brute_force_from_full_patterns(tiny_model, tiny_
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_streaming_equals_brute_force_on_random_gqa_model(gqa_model, word_tokenizer):
     """A random grouped-query model: copy events are rare, but every scorer must still agree."""
-    from retrieval_heads.haystack import Haystack, Needle, PromptTemplate, build_trial
+    from retrieval_heads.trials.builder import build_trial
+    from retrieval_heads.trials.haystacks import Haystack
+    from retrieval_heads.trials.needles import Needle
+    from retrieval_heads.trials.template import PromptTemplate
 
     words = [f"w{i}" for i in range(100)]
     # This vocabulary has no punctuation: the builder falls back to token boundaries (and warns).

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import random
 
-from retrieval_heads.haystack import tiny_grid
 from retrieval_heads.scoring import iter_detect
 from retrieval_heads.tiny import world
+from retrieval_heads.tiny.trials import tiny_grid
 
 
 def test_tokenizer_round_trips_the_language(tiny_model):

@@ -322,18 +322,19 @@ def tiny_model():
 def test_trial_attention_with_the_tiny_model(tiny_model):
     import torch
 
-    from retrieval_heads.haystack import Haystack, PromptTemplate, build_trial, tiny_needles
     from retrieval_heads.records import TrialRecord
+    from retrieval_heads.tiny.trials import tiny_haystack, tiny_needles, tiny_template
+    from retrieval_heads.trials.builder import build_trial
     from retrieval_heads.views import trial_attention
 
     model = tiny_model
     trial = build_trial(
         model.tokenizer,
-        Haystack.tiny(),
+        tiny_haystack(),
         tiny_needles(1, seed=3)[0],
         length=300,
         depth_percent=50,
-        template=PromptTemplate.tiny(),
+        template=tiny_template(),
     )
     state = model.prefill(torch.tensor([trial.input_ids]))
     generated = [int(state.last_logits.argmax(-1))]
@@ -435,7 +436,8 @@ def test_report_on_published_files_and_mismatched_shapes(tmp_path):
 
 
 def test_report_with_the_tiny_model_renders_attention_views(tmp_path, tiny_model):
-    from retrieval_heads.haystack import Haystack, PromptTemplate, build_trial, tiny_needles
+    from retrieval_heads.tiny.trials import tiny_haystack, tiny_needles, tiny_template
+    from retrieval_heads.trials.builder import build_trial
 
     model = tiny_model
     detect = _sample.write_detection(
@@ -446,11 +448,11 @@ def test_report_with_the_tiny_model_renders_attention_views(tmp_path, tiny_model
     trials = {
         r.trial_id: build_trial(
             model.tokenizer,
-            Haystack.tiny(),
+            tiny_haystack(),
             tiny_needles(1, seed=i)[0],
             length=600,
             depth_percent=50,
-            template=PromptTemplate.tiny(),
+            template=tiny_template(),
         )
         for i, r in enumerate(passing[:3])
     }

@@ -130,8 +130,8 @@ def test_attention_view_of_a_4k_context_is_a_small_steps_by_context_grid():
 
 def test_report_rebuilds_the_trials_from_the_records(tmp_path):
     from retrieval_heads import load_model
-    from retrieval_heads.haystack import tiny_grid
     from retrieval_heads.scoring import detect
+    from retrieval_heads.tiny.trials import tiny_grid
 
     model = load_model("tiny")
     trials = tiny_grid(model.tokenizer, lengths=[200, 400], depths=[50], n_needles=1)

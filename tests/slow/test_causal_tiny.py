@@ -18,9 +18,9 @@ import pytest
 
 from retrieval_heads import causal
 from retrieval_heads.analysis import k_sweep as summarise
-from retrieval_heads.haystack import tiny_grid
 from retrieval_heads.scoring import detect
 from retrieval_heads.store import load_results
+from retrieval_heads.tiny.trials import tiny_grid
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -21,19 +21,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from retrieval_heads.files import ResultsError
-from retrieval_heads.haystack import (
-    BoundaryFallbackWarning,
-    Haystack,
-    Needle,
-    TrialError,
-    build_trial,
-    load_needles,
-)
 from retrieval_heads.heads import Head, parse_heads
 from retrieval_heads.published import import_published
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scores import HeadScores
 from retrieval_heads.store import load_results
+from retrieval_heads.trials.base import TrialError
+from retrieval_heads.trials.builder import BoundaryFallbackWarning, build_trial
+from retrieval_heads.trials.haystacks import Haystack
+from retrieval_heads.trials.needles import Needle, load_needles
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOWER = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

@@ -12,24 +12,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retrieval_heads.haystack import (
-    BoundaryFallbackWarning,
-    Haystack,
+from retrieval_heads.tiny.trials import tiny_haystack, tiny_needle_sets, tiny_needles, tiny_template
+from retrieval_heads.trials.base import TrialError
+from retrieval_heads.trials.builder import BoundaryFallbackWarning, build_trial
+from retrieval_heads.trials.grid import linspace_depths, linspace_lengths, make_grid
+from retrieval_heads.trials.haystacks import Haystack
+from retrieval_heads.trials.needles import (
     Needle,
     NeedleSet,
-    PromptTemplate,
-    Trial,
-    TrialError,
-    build_trial,
     default_needles,
     key_value_needles,
-    linspace_depths,
-    linspace_lengths,
     load_needles,
-    make_grid,
-    tiny_needle_sets,
-    tiny_needles,
 )
+from retrieval_heads.trials.template import PromptTemplate
+from retrieval_heads.trials.trial import Trial
 
 NEEDLES = default_needles()
 MAGIC = next(n for n in NEEDLES if n.needle_id == "magic-number")
@@ -311,7 +307,7 @@ def test_haystack_sources(tmp_path, bpe_tok, sp_tok):
 
 
 def test_big_files_are_read_in_paragraph_blocks(tmp_path, monkeypatch, bpe_tok):
-    import retrieval_heads.haystack as module
+    import retrieval_heads.trials.haystacks as module
 
     monkeypatch.setattr(module, "_BLOCK_CHARS", 40)
     paragraphs = [f"Paragraph {i} is here. It has two sentences." for i in range(6)]
@@ -549,8 +545,8 @@ def test_tiny_adapters():
         "retrieval_heads.tiny.world", reason="retrieval_heads/tiny/world.py not written yet"
     )
     tok = world.build_tokenizer()
-    hay = Haystack.tiny(seed=3)
-    assert Haystack.tiny(seed=3) is hay
+    hay = tiny_haystack(seed=3)
+    assert tiny_haystack(seed=3) is hay
     sentences = [s for _, s in zip(range(5), hay.sentences(), strict=False)]
     assert all(s.endswith(" .") for s in sentences)
     needles = tiny_needles(4, seed=1)
@@ -558,7 +554,7 @@ def test_tiny_adapters():
     sets = tiny_needle_sets(2, seed=1, n_distractors=3)
     assert all(len(s.distractors) == 3 for s in sets)
     assert [s.targets[0] for s in sets] == tiny_needles(2, seed=1)
-    template = PromptTemplate.tiny()
+    template = tiny_template()
     grid = make_grid(tok, hay, sets, lengths=[200, 400], depths=[0, 50, 100], template=template)
     for trial in grid:
         check_trial(tok, trial, trial.context_length)
