@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
         "phase": args.phase,
         "baseline": next(q.accuracy for q in curve if q.selection == "none"),
         "chosen": chosen.to_dict(),
+        # False when no K measured came within the tolerance: "chosen" is then the largest K
+        "chosen_within_tolerance": bool(
+            chosen.accuracy >= next(q.accuracy for q in curve if q.selection == "none") - 0.05
+        ),
         "chosen_kv_heads": [list(h) for h in heads],
         "random_same_k": same_k[0].to_dict() if same_k else None,
         "uniform_at_least_that_share": uniform[0].to_dict() if uniform else None,
@@ -97,7 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
         sink=args.sink,
         window=args.window,
         group_size=model.n_heads // model.n_kv_heads,
-        info={"model": model.name, "scores": source, "k": chosen.k, "kv_share": chosen.kv_share},
+        layer_windows=model.layer_windows(),
+        info={
+            "model": model.name,
+            "scores": source,
+            "k": chosen.k,
+            "kv_share": chosen.kv_share,
+            "within_tolerance": result["chosen_within_tolerance"],
+        },
     )
     text = analysis.format_kv_curve(curve)
     print(text)

@@ -629,7 +629,14 @@ def print_kv_sim(out: Path, records, meta: dict, tolerance: float = 0.05) -> Non
         f"{chosen.kv_share:.1%} of the KV cache; wrote {paths['json']} and "
         f"{paths['duo_tsv'].parent}/ (DuoAttention layout)"
     )
-    sliding = json.loads(paths["json"].read_text()).get("full_heads_in_sliding_layers")
+    listing = json.loads(paths["json"].read_text())
+    if not listing["within_tolerance"]:
+        print(
+            f"warning: no K measured keeps accuracy within {tolerance} of the full cache's "
+            f"{listing['baseline_accuracy']:.3f}; exported the largest K measured. Add larger "
+            "K to --top-k, or a wider --window, to find a sufficient set"
+        )
+    sliding = listing.get("full_heads_in_sliding_layers")
     if sliding:
         print(
             f"note: {len(sliding)} of them sit in sliding-window layers, whose cache keeps only "

@@ -503,9 +503,13 @@ def export_chosen(
 ) -> tuple[analysis.KVPoint, dict[str, Path]]:
     """Pick the smallest sufficient top-K of a finished sweep (its records and the config
     :func:`simulate` stored) and :func:`export_heads` it into ``out``; returns the point and
-    the paths. Works on a merged sharded run as on a single one."""
+    the paths. Works on a merged sharded run as on a single one. When no K measured keeps
+    accuracy within ``tolerance`` of the full cache, the largest K is exported and the listing
+    says so (``within_tolerance: false``, beside ``baseline_accuracy``)."""
     kv_scores = np.asarray(run_config["kv_scores"], dtype=np.float64)  # [layer, kv_head]
-    chosen = analysis.smallest_sufficient_k(analysis.kv_curve(records), tolerance)
+    curve = analysis.kv_curve(records)
+    chosen = analysis.smallest_sufficient_k(curve, tolerance)
+    baseline = next(p.accuracy for p in curve if p.selection == "none")
     n_heads = records[0].n_heads
     paths = export_heads(
         out,
@@ -522,6 +526,9 @@ def export_chosen(
             "kv_share": round(chosen.kv_share, 6),
             "accuracy": chosen.accuracy,
             "tolerance": tolerance,
+            # False when no K measured came within tolerance: this is then the largest K
+            "baseline_accuracy": baseline,
+            "within_tolerance": bool(chosen.accuracy >= baseline - tolerance),
         },
     )
     return chosen, paths

@@ -1249,6 +1249,39 @@ def test_e67_kv_sim_export_on_sliding_window_layers(gemma3_gqa_model, word_token
     assert all(w == windows[layer] for layer, _, w in listing["full_heads_in_sliding_layers"])
 
 
+def test_e68_kv_sim_with_no_sufficient_k(tiny_model, tmp_path, capsys):
+    """When no K measured keeps accuracy within the tolerance, the largest K is exported, and
+    the command and the listing say so instead of printing it as if it were sufficient."""
+    from retrieval_heads import kvcache
+    from retrieval_heads.cli import print_kv_sim
+    from retrieval_heads.store import read_meta
+    from retrieval_heads.tiny.trials import tiny_grid
+
+    trials = tiny_grid(tiny_model.tokenizer, lengths=[300], depths=[50], n_needles=1)
+    table = np.zeros((tiny_model.n_layers, tiny_model.n_heads))
+    out = tmp_path / "sim"
+    sweep = kvcache.simulate(tiny_model, trials, table, ks=[0], draws=0, sink=1, window=2, out=out)
+    base = next(p for p in sweep.curve() if p.selection == "none")
+    top0 = next(p for p in sweep.curve() if p.selection == "top")
+    assert base.accuracy == 1.0 and top0.accuracy == 0.0  # a 1+2 window cannot see the needle
+    print_kv_sim(out, sweep.records, read_meta(out))
+    said = capsys.readouterr().out
+    assert re.search(
+        r"warning: no K measured keeps accuracy within 0.05 of the full cache's 1.000", said
+    )
+    listing = json.loads((out / "full_attention_heads.json").read_text())
+    assert listing["within_tolerance"] is False and listing["baseline_accuracy"] == 1.0
+    # and when one is sufficient, no warning: the full cache's own point, K = every KV head
+    every = tiny_model.n_layers * tiny_model.n_kv_heads
+    sweep = kvcache.simulate(tiny_model, trials, table, ks=[every], draws=0, sink=1, window=2,
+                             out=tmp_path / "sim2")  # fmt: skip
+    print_kv_sim(tmp_path / "sim2", sweep.records, read_meta(tmp_path / "sim2"))
+    assert "warning" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "sim2" / "full_attention_heads.json").read_text())[
+        "within_tolerance"
+    ]
+
+
 def test_catalogue_rows_have_tests():
     """docs/errors.md and this module agree: every row names a test here (planned rows aside)."""
     rows = [line for line in DOC.read_text().splitlines() if re.match(r"\| E\d\d ", line)]
