@@ -193,7 +193,7 @@ def build_model_dir(
 
 def build_trials(model_dir: Path, lengths: list[int], seed: int = 0) -> dict[str, dict]:
     """One needle-in-a-haystack trial per length (needle at 50 % depth) plus a warm-up trial."""
-    from retrieval_heads.model import _load_local_tokenizer
+    from retrieval_heads.model.loading import _load_local_tokenizer
     from retrieval_heads.tiny.trials import tiny_haystack, tiny_needles, tiny_template
     from retrieval_heads.trials.builder import build_trial
 

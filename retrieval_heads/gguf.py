@@ -155,7 +155,7 @@ def _convert_into(src: Path, out: Path) -> dict[str, Any]:
         raise _read_error(src, exc) from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from retrieval_heads.model import _check_architecture
+    from retrieval_heads.model.loading import _check_architecture
 
     # A GGUF config names no class; the one AutoModelForCausalLM would build is what the bridge
     # sees, so check that before dequantising anything.
