@@ -5,7 +5,7 @@ reasoning (GSM8K, MMLU with CoT) and extractive QA (MuSiQue) suffer, while direc
 knowledge questions (MMLU without CoT), which come from the weights, barely move.
 
 On the embedded model (the default) the two sides are its own tasks, both under top-K and
-random-K ablation (:func:`retrieval_heads.causal.control_sweep`):
+random-K ablation (:func:`retrieval_heads.tiny.controls.control_sweep`):
 
 - **chain** following: links "the key of the red box is in the blue cup ." in the context; the
   answer writes every hop, re-reading the context at each step (the analogue of a chain of
@@ -70,7 +70,8 @@ def accuracy_figure(groups: dict, title: str):
 
 
 def _embedded(args, model, scores, out: Path, say) -> tuple[dict, str, dict]:
-    from retrieval_heads import analysis, causal
+    from retrieval_heads import analysis, causal, selection
+    from retrieval_heads.tiny.controls import control_sweep
 
     tasks = args.tasks
     k = max(args.ks)
@@ -78,7 +79,7 @@ def _embedded(args, model, scores, out: Path, say) -> tuple[dict, str, dict]:
         f"control sweep on {model.name}: tasks {tasks}, K = {args.ks}, {args.draws} random "
         f"draws, {args.n} trials per task at {args.length} tokens"
     )
-    sweep = causal.control_sweep(
+    sweep = control_sweep(
         model,
         scores,
         ks=args.ks,
@@ -118,7 +119,7 @@ def _embedded(args, model, scores, out: Path, say) -> tuple[dict, str, dict]:
         "setting": "embedded",
         "tasks": tasks,
         "k": k,
-        "top_heads": [h.dotted for h in causal.top_heads(scores, k)],
+        "top_heads": [h.dotted for h in selection.top_heads(scores, k)],
         "summary": summary,
         "answer_classes": classes,
     }

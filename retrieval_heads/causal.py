@@ -3,28 +3,37 @@
 Wu et al. (2024) test the claim that retrieval heads *cause* retrieval by ablating the top-K of
 them and comparing with K random heads: needle-in-a-haystack (NIAH) accuracy collapses under the
 first and barely moves under the second, while tasks answered from the weights (memorised facts)
-stay intact. This module runs those experiments on any :class:`~retrieval_heads.model.HookedModel`,
-with the embedded model's extra controls:
+stay intact. This module is the ablation runner behind those experiments, on any
+:class:`~retrieval_heads.model.HookedModel`:
 
 - :func:`ablate_grid` — answer (and score) trials with a set of heads ablated;
-- :func:`random_heads`, :func:`matched_layer_heads` — seeded control selections that never
-  contain a retrieval head or a top-K head; :func:`plan_conditions` lays out a whole sweep;
 - :func:`k_sweep` — top-K vs random-K (vs matched-layer-K) for a list of K, into one resumable
   results directory; summaries by :func:`retrieval_heads.analysis.k_sweep`;
 - :func:`answer_classes` — how the failures look (the hallucination analysis);
-- :func:`fact_trials`, :func:`chain_trials`, :func:`control_sweep` — NIAH vs memorised facts vs
-  chain following under the same ablations (embedded model only: its world defines the tasks);
-- :func:`patching_map`, :func:`patching_vs_scores` — per-head activation patching on pairs that
-  differ only in the needle's value, and its agreement with the retrieval scores.
+- :func:`answer_trial`, :func:`ablation_hooks`, :func:`resample_sources` — one trial answered
+  and graded without scoring heads, the hooks of an ablation mode, a resample's sources.
+
+Its neighbours:
+
+- :mod:`retrieval_heads.selection` — which heads: :func:`~retrieval_heads.selection.top_heads`,
+  the seeded controls :func:`~retrieval_heads.selection.random_heads` and
+  :func:`~retrieval_heads.selection.matched_layer_heads`, and
+  :func:`~retrieval_heads.selection.plan_conditions`, which lays out a whole sweep;
+- :mod:`retrieval_heads.patching` — per-head activation patching on pairs that differ only in
+  the needle's value (:func:`~retrieval_heads.patching.patching_map`), and its agreement with
+  the retrieval scores (:func:`~retrieval_heads.patching.patching_vs_scores`);
+- :mod:`retrieval_heads.tiny.controls` — NIAH vs memorised facts vs chain following under the
+  same ablations (``fact_trials``, ``chain_trials``, ``control_sweep``; embedded model only:
+  its world defines the tasks). It imports this runner; this module never imports
+  :mod:`retrieval_heads.tiny`.
 
 Choices, all explicit and recorded in every record's ``params`` and in the results' meta:
 
-- a *condition* is ``(k, selection, draw)`` with its heads; ``selection`` is ``"top"`` (the K
-  best-scored heads), ``"random"`` (K heads drawn from the non-retrieval heads, score <=
-  ``threshold``, never one of the top-K), ``"matched_layer"`` (as many heads per layer as the
-  top-K has, drawn from the non-retrieval heads of those layers), ``"none"`` (K=0, the
-  baseline) or ``"custom"`` (heads passed by hand). Draws are reproducible from
-  ``(seed, k, draw)`` alone (a SHA-256-seeded ``random.Random``);
+- a *condition* is ``(k, selection, draw)`` with its heads
+  (:class:`~retrieval_heads.selection.Condition`; the selections ``"top"``, ``"random"``,
+  ``"matched_layer"``, ``"none"`` and ``"custom"`` are described in
+  :mod:`retrieval_heads.selection`). Draws are reproducible from ``(seed, k, draw)`` alone (a
+  SHA-256-seeded ``random.Random``);
 - an ablated record's trial id is ``"<trial id>|<selection>|k=<K>|draw=<d>"``, so one results
   directory holds every condition and a rerun resumes where it stopped;
 - records carry ``k``, ``selection``, ``draw``, ``mode``, ``phase``, ``ablated`` (``"L.H"``
@@ -41,23 +50,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import math
-import random
 import time
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from retrieval_heads import analysis
+from retrieval_heads import analysis, patching, selection
 from retrieval_heads.grading import FAILURE_KINDS, classify_failure, exact_match, grade
 from retrieval_heads.heads import Head, parse_heads
 from retrieval_heads.interventions import (
@@ -80,30 +82,28 @@ from retrieval_heads.scoring import (
     greedy_decode,
     score_trial,
 )
+from retrieval_heads.selection import (
+    SELECTIONS,
+    Condition,
+    Scores,
+    _table,
+    plan_conditions,
+    top_heads,
+)
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 from retrieval_heads.store import ResultsDir
-from retrieval_heads.trials import world_trials
-from retrieval_heads.trials.builder import build_trial
-from retrieval_heads.trials.needles import Needle, NeedleSet
 from retrieval_heads.trials.trial import Trial
 
 __all__ = [
     "SELECTIONS",
     "TASKS",
     "Condition",
-    "ControlSweep",
-    "PatchingPair",
     "ablate_grid",
     "ablation_hooks",
     "answer_classes",
     "answer_trial",
-    "chain_trials",
-    "clip_ks",
-    "control_sweep",
-    "fact_trials",
     "matched_layer_heads",
     "patching_map",
-    "patching_pairs",
     "patching_vs_scores",
     "plan_conditions",
     "random_heads",
@@ -111,266 +111,30 @@ __all__ = [
     "top_heads",
 ]
 
-SELECTIONS = ("top", "random", "matched_layer", "none", "custom")
 TASKS = ("niah", "fact", "chain")
-Scores = HeadScores | np.ndarray
+
+# Re-exports, for code written as ``causal.<name>`` (users' scripts and notebooks; the package,
+# the experiments and the tests now import these from where they live). ``top_heads``,
+# ``plan_conditions``, ``Condition`` and ``SELECTIONS`` (selection.py) are imported above for
+# the runner's own use and stay reachable here the same way.
+random_heads = selection.random_heads  # retrieval_heads/selection.py
+matched_layer_heads = selection.matched_layer_heads  # retrieval_heads/selection.py
+patching_map = patching.patching_map  # retrieval_heads/patching.py
+patching_vs_scores = patching.patching_vs_scores  # retrieval_heads/patching.py
+
+# The embedded world's controls moved to retrieval_heads.tiny.controls. They are not re-exported
+# here (that would make this generic module import the tiny world); asking for one says where
+# it went.
+_MOVED_TO_TINY = ("ControlSweep", "chain_trials", "control_sweep", "fact_trials")
 
 
-# ---------------------------------------------------------------------------------------------
-# choosing heads
-
-
-def _rng(*parts: Any) -> random.Random:
-    """A generator seeded by a stable hash of ``parts`` (not Python's salted ``hash``)."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
-def _table(scores: Scores) -> np.ndarray:
-    return analysis.score_table(scores)
-
-
-def _is_retrieval(table: np.ndarray, threshold: float) -> np.ndarray:
-    """Retrieval heads: score strictly above ``threshold`` (NaN, no evidence, is not one)."""
-    return np.nan_to_num(table, nan=-np.inf) > threshold
-
-
-def top_heads(scores: Scores, k: int) -> list[Head]:
-    """The ``k`` best-scored heads, best first (ties by (layer, head); NaN never chosen)."""
-    return analysis.top_k_heads(scores, k)
-
-
-def _all_heads(table: np.ndarray) -> list[Head]:
-    return [Head(layer, head) for layer in range(table.shape[0]) for head in range(table.shape[1])]
-
-
-def _draw_random(
-    scores: Scores, k: int, *, seed: int, draw: int, threshold: float, exclude_top: int | None
-) -> tuple[list[Head], str | None]:
-    table = _table(scores)
-    exclude = set(top_heads(table, k if exclude_top is None else exclude_top))
-    retrieval = _is_retrieval(table, threshold)
-    heads = _all_heads(table)
-    strict = [h for h in heads if h not in exclude and not retrieval[h.layer, h.head]]
-    rng = _rng("random_heads", seed, k, draw)
-    if len(strict) >= k:
-        return sorted(rng.sample(strict, k)), None
-    extra = [h for h in heads if h not in exclude and retrieval[h.layer, h.head]]
-    if len(strict) + len(extra) < k:
-        raise ValueError(
-            f"cannot draw {k} random heads outside the top-{len(exclude)}: the model has only "
-            f"{len(strict) + len(extra)} other heads"
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_TINY:
+        raise AttributeError(
+            f"retrieval_heads.causal.{name} moved to retrieval_heads.tiny.controls: "
+            f"from retrieval_heads.tiny.controls import {name}"
         )
-    chosen = strict + rng.sample(extra, k - len(strict))
-    note = (
-        f"only {len(strict)} non-retrieval heads (score <= {threshold:g}) outside the "
-        f"top-{len(exclude)}; {k - len(strict)} drawn from retrieval heads outside it"
-    )
-    return sorted(chosen), note
-
-
-def random_heads(
-    scores: Scores,
-    k: int,
-    *,
-    seed: int,
-    draw: int,
-    threshold: float = analysis.RETRIEVAL_THRESHOLD,
-    exclude_top: int | None = None,
-    fallback: bool = False,
-) -> list[Head]:
-    """``k`` heads drawn at random from the non-retrieval heads, none of them a top-K head.
-
-    The pool is every head whose score is ``<= threshold`` (NaN counts as not a retrieval head)
-    and that is not among the ``exclude_top`` best (default ``k``). The draw depends only on
-    ``(seed, k, draw)`` and the pool, never on global random state. When the pool holds fewer
-    than ``k`` heads this raises ``ValueError``, unless ``fallback`` lets the rest come from
-    retrieval heads outside the top (:func:`plan_conditions` records that as a note). Returns
-    the heads sorted by (layer, head).
-    """
-    _check_k(k, _table(scores))
-    heads, note = _draw_random(
-        scores, k, seed=seed, draw=draw, threshold=threshold, exclude_top=exclude_top
-    )
-    if note and not fallback:
-        raise ValueError(f"cannot draw {k} random non-retrieval heads: {note} (fallback=True)")
-    return heads
-
-
-def _draw_matched(
-    scores: Scores, k: int, *, seed: int, draw: int, threshold: float
-) -> tuple[list[Head], str | None]:
-    table = _table(scores)
-    top = top_heads(table, k)
-    retrieval = _is_retrieval(table, threshold)
-    excluded = set(top)
-    free = {
-        layer: [
-            Head(layer, h)
-            for h in range(table.shape[1])
-            if Head(layer, h) not in excluded and not retrieval[layer, h]
-        ]
-        for layer in range(table.shape[0])
-    }
-    need: dict[int, int] = defaultdict(int)
-    for h in top:
-        need[h.layer] += 1
-    rng = _rng("matched_layer_heads", seed, k, draw)
-    chosen: list[Head] = []
-    notes = []
-    for layer in sorted(need):
-        pool = free[layer]
-        take = min(need[layer], len(pool))
-        picked = rng.sample(pool, take)
-        chosen += picked
-        for h in picked:
-            pool.remove(h)
-        short = need[layer] - take
-        distance = 1
-        borrowed: dict[int, int] = defaultdict(int)
-        while short and distance < table.shape[0]:
-            near = [
-                h
-                for other in (layer - distance, layer + distance)
-                if 0 <= other < table.shape[0]
-                for h in free[other]
-            ]
-            picked = rng.sample(near, min(short, len(near)))
-            for h in picked:
-                free[h.layer].remove(h)
-                borrowed[h.layer] += 1
-            chosen += picked
-            short -= len(picked)
-            distance += 1
-        if short:
-            raise ValueError(
-                f"cannot draw {k} layer-matched non-retrieval heads: too few non-retrieval heads "
-                f"outside the top-{k}"
-            )
-        if borrowed:
-            notes.append(
-                f"layer {layer} has {take} of {need[layer]} non-retrieval heads outside the "
-                f"top-{k}; took "
-                + ", ".join(f"{n} from layer {other}" for other, n in sorted(borrowed.items()))
-            )
-    return sorted(chosen), "; ".join(notes) or None
-
-
-def matched_layer_heads(
-    scores: Scores,
-    k: int,
-    *,
-    seed: int,
-    draw: int,
-    threshold: float = analysis.RETRIEVAL_THRESHOLD,
-    fallback: bool = False,
-) -> list[Head]:
-    """As many heads per layer as the top-K has, drawn from that layer's non-retrieval heads.
-
-    Never a top-K head or a head scoring above ``threshold``. Reproducible from
-    ``(seed, k, draw)``. When a layer has too few such heads, ``fallback`` takes the rest from the
-    nearest layers (distance 1, then 2, ...; :func:`plan_conditions` records where from);
-    without it that raises ``ValueError``. Returns the heads sorted by (layer, head).
-    """
-    _check_k(k, _table(scores))
-    heads, note = _draw_matched(scores, k, seed=seed, draw=draw, threshold=threshold)
-    if note and not fallback:
-        raise ValueError(f"cannot match the top-{k} layer by layer: {note} (fallback=True)")
-    return heads
-
-
-def _check_k(k: int, table: np.ndarray) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-        raise ValueError(f"k must be a non-negative integer, got {k!r}")
-    if k > table.size:
-        raise ValueError(f"k={k} exceeds the model's {table.size} heads")
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One ablation condition of a sweep: ``k`` heads chosen by ``selection`` (draw ``draw``).
-
-    ``heads`` are sorted by (layer, head); ``note`` says when a control draw needed a fallback.
-    """
-
-    k: int
-    selection: str
-    draw: int
-    heads: tuple[Head, ...]
-    note: str | None = None
-
-    @property
-    def tag(self) -> str:
-        """The suffix of this condition's trial ids: ``"<selection>|k=<K>|draw=<d>"``."""
-        return f"{self.selection}|k={self.k}|draw={self.draw}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "selection": self.selection,
-            "draw": self.draw,
-            "heads": [h.dotted for h in self.heads],
-            "note": self.note,
-        }
-
-
-def clip_ks(ks: Iterable[int], n_heads: int) -> tuple[list[int], list[str]]:
-    """``ks`` clipped to ``[0, n_heads]``, duplicates after clipping dropped (order kept)."""
-    out: list[int] = []
-    notes = []
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"every K must be a non-negative integer, got {k!r}")
-        clipped = min(int(k), n_heads)
-        if clipped != k:
-            notes.append(f"K={k} clipped to the model's {n_heads} heads")
-        if clipped in out:
-            notes.append(f"K={k} dropped: K={clipped} is already in the sweep")
-            continue
-        out.append(clipped)
-    return out, notes
-
-
-def plan_conditions(
-    scores: Scores,
-    ks: Iterable[int],
-    *,
-    draws: int = 5,
-    seed: int = 0,
-    threshold: float = analysis.RETRIEVAL_THRESHOLD,
-    include_random: bool = True,
-    include_matched: bool = True,
-) -> tuple[list[Condition], list[str]]:
-    """Every condition of a K-sweep, and notes on what was clipped, skipped or fell back.
-
-    K=0 is the baseline (selection ``"none"``, one draw). Each K>0 gets ``top`` once, ``random``
-    ``draws`` times and ``matched_layer`` ``draws`` times (if asked). A random or matched draw
-    that cannot avoid the top-K (K above half the heads, say) is skipped with a note; one that
-    needed a fallback carries its note.
-    """
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    table = _table(scores)
-    clipped, notes = clip_ks(ks, table.size)
-    out: list[Condition] = []
-    for k in clipped:
-        if k == 0:
-            out.append(Condition(0, "none", 0, ()))
-            continue
-        out.append(Condition(k, "top", 0, tuple(sorted(top_heads(table, k)))))
-        kinds = [("random", _draw_random)] if include_random else []
-        if include_matched:
-            kinds.append(("matched_layer", _draw_matched))
-        for selection, drawer in kinds:
-            for d in range(draws):
-                extra = {"exclude_top": None} if selection == "random" else {}
-                try:
-                    heads, note = drawer(table, k, seed=seed, draw=d, threshold=threshold, **extra)
-                except ValueError as error:
-                    notes.append(f"{selection} K={k} skipped: {error}")
-                    break
-                out.append(Condition(k, selection, d, tuple(heads), note))
-    return out, notes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -963,9 +727,10 @@ def k_sweep(
 ) -> list[TrialRecord]:
     """Ablate the top-K heads, and K random (and layer-matched) heads, for every K.
 
-    Conditions come from :func:`plan_conditions` (K clipped to the model's head count; K=0 is
-    the unablated baseline; ``draws`` random and matched draws per K, seeded by ``seed``). Every
-    condition runs over every trial; records carry ``k``/``selection``/``draw`` so
+    Conditions come from :func:`~retrieval_heads.selection.plan_conditions` (K clipped to the
+    model's head count; K=0 is the unablated baseline; ``draws`` random and matched draws per K,
+    seeded by ``seed``). Every condition runs over every trial; records carry
+    ``k``/``selection``/``draw`` so
     :func:`retrieval_heads.analysis.k_sweep` summarises them. With ``out`` everything goes into
     one results directory (``kind="ablate"``): its config (checked on resume) holds the ks
     (requested and clipped), draws, seed, mode, phase, threshold, the score source with the
@@ -1077,382 +842,3 @@ def answer_classes(
         total = sum(counts[label].values())
         out[label] = {c: n / total for c, n in counts[label].items()}
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# controls on the embedded model
-
-
-def _world():
-    from retrieval_heads.tiny import world
-
-    return world
-
-
-def _tiny_trials():
-    # The embedded world's trials (tiny_grid, tiny_needle_sets, its haystack and template),
-    # through the trials package's one seam to them.
-    return world_trials("tiny")
-
-
-def _encode(model: HookedModel, text: str, what: str) -> list[int]:
-    tokenizer = model.tokenizer
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-        raise ValueError(
-            f"{what}: the model's tokenizer does not cover the embedded model's language (it "
-            "maps some words to <unk>); these controls are for load_model('tiny')"
-        )
-    return list(ids)
-
-
-def _filler(model: HookedModel, n: int, rng: random.Random) -> list[int]:
-    world = _world()
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += _encode(model, world.sentence(rng), "filler")
-    return ids[len(ids) - n :]  # cut at the front: the context may open mid-sentence
-
-
-def fact_trials(model: HookedModel, n: int, seed: int = 0, length: int = 256) -> list[Trial]:
-    """``n`` memorised-fact trials of ``length`` tokens: filler, then a fact question.
-
-    The answer ("where does the quiet baker live ?" -> "north ardon") comes from the world's fixed
-    fact table (:func:`retrieval_heads.tiny.world.fact_table`), which the model learnt in
-    training; it is never in the context, so the trials have no needle (``needles=()``) and are
-    answered with :func:`answer_trial`. Facts are sampled without replacement, seeded.
-    """
-    world = _world()
-    facts = world.fact_table()
-    if not 0 < n <= len(facts):
-        raise ValueError(f"n must be within 1..{len(facts)}, got {n}")
-    rng = _rng("fact_trials", seed)
-    chosen = rng.sample(range(len(facts)), n)
-    bos = model.tokenizer.bos_token_id
-    out = []
-    for i, index in enumerate(chosen):
-        fact = facts[index]
-        question = _encode(model, fact.question, "fact question")
-        n_filler = length - 1 - len(question)
-        if n_filler < 1:
-            raise ValueError(f"length {length} leaves no room for filler")
-        ids = [bos, *_filler(model, n_filler, _rng("fact_filler", seed, i)), *question]
-        params = {
-            "task": "fact",
-            "fact_index": index,
-            "subject": list(fact.subject),
-            "question": fact.question,
-            "length": length,
-            "seed": seed,
-        }
-        digest = hashlib.sha256(
-            json.dumps({"params": params, "ids": ids}, sort_keys=True).encode()
-        ).hexdigest()[:16]
-        out.append(
-            Trial(
-                trial_id=f"fact-{digest}",
-                input_ids=tuple(ids),
-                needles=(),
-                answer=fact.answer,
-                context_length=length,
-                depth_percent=0.0,
-                params=params,
-                context_span=(1, 1 + n_filler),
-            )
-        )
-    return out
-
-
-def chain_trials(
-    model: HookedModel, n: int, seed: int = 0, length: int = 256, hops: int = 3
-) -> list[Trial]:
-    """``n`` chain-following trials: the links are in the context, the answer lists every hop.
-
-    Links "the key of the red box is in the blue cup ." (:func:`~retrieval_heads.tiny.world.
-    make_chain`, held-out keys) are placed as needles (each a target whose answer is its hop):
-    the first at a seeded depth, the others at seeded sentence boundaries, in the world's filler
-    and template. ``answer`` is the hop list "blue cup , green bag , old shoe" and
-    ``params["hops"]`` the hops, which grading compares in order.
-    """
-    world = _world()
-    if hops < 1:
-        raise ValueError(f"hops must be >= 1, got {hops}")
-    rng = _rng("chain_trials", seed, hops)
-    haystack = _tiny_trials().tiny_haystack(seed)
-    template = _tiny_trials().tiny_template()
-    out = []
-    for i in range(n):
-        chain = world.make_chain(rng, hops, split="test")
-        nodes = [tuple(node) for node in chain["nodes"]]
-        answers = [f"{a} {b}" for a, b in nodes[1:]]
-        needles = tuple(
-            Needle(f"chain-s{seed}-{i}-l{j}", link, chain["question"], answer)
-            for j, (link, answer) in enumerate(zip(chain["links"], answers, strict=True))
-        )
-        depth = round(rng.uniform(0, 100), 1)
-        trial = build_trial(
-            model.tokenizer,
-            haystack,
-            NeedleSet(needles, question=chain["question"], kind="chain"),
-            length=length,
-            depth_percent=depth,
-            template=template,
-            seed=seed,
-            n_ctx=model.n_ctx,
-        )
-        params = dict(trial.params, task="chain", hops=answers, n_hops=hops)
-        out.append(dataclasses.replace(trial, answer=chain["answer"], params=params))
-    return out
-
-
-@dataclass
-class ControlSweep:
-    """Records of a control sweep and, per task, its :class:`~retrieval_heads.analysis.KSweepRow`
-    summary (accuracy and recall per K and selection, mean ± std over draws)."""
-
-    records: list[TrialRecord]
-    rows: dict[str, list[analysis.KSweepRow]] = field(default_factory=dict)
-
-    def accuracy(self, task: str, selection: str, k: int) -> float:
-        for row in self.rows[task]:
-            if row.selection == selection and row.k == k:
-                return row.accuracy
-        raise KeyError(f"no row for task {task!r}, selection {selection!r}, K={k}")
-
-    def table(self) -> str:
-        body = [
-            [
-                task,
-                r.k,
-                r.selection,
-                r.n_draws,
-                r.n_trials,
-                f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}",
-                f"{r.recall:.3f} ± {r.recall_std:.3f}",
-            ]
-            for task, rows in self.rows.items()
-            for r in rows
-        ]
-        headers = ["task", "K", "selection", "draws", "trials", "accuracy", "recall"]
-        return analysis.format_table(body, headers)
-
-
-def control_sweep(
-    model: HookedModel,
-    scores: Scores,
-    ks: Iterable[int] = (0, 6),
-    draws: int = 3,
-    seed: int = 0,
-    *,
-    n: int = 20,
-    length: int = 256,
-    hops: int = 3,
-    tasks: Sequence[str] = TASKS,
-    niah_trials: Sequence[Trial] | None = None,
-    mode: str = "uniform",
-    phase: str = "decode",
-    include_matched: bool = False,
-    threshold: float = analysis.RETRIEVAL_THRESHOLD,
-    out: str | Path | None = None,
-    config: DecodeConfig | None = None,
-    progress: bool = False,
-    shard: Shard | None = None,
-) -> ControlSweep:
-    """NIAH vs memorised facts vs chain following under the same top-K / random-K ablations.
-
-    ``n`` trials per task at ``length`` tokens (NIAH: ``niah_trials``, or the embedded model's
-    grid at that length, 5 depths, 2 distractors; facts: :func:`fact_trials`; chains:
-    :func:`chain_trials`), all seeded by ``seed``. Conditions as in :func:`k_sweep`. Returns
-    the records and per-task summaries; with ``out``, a results directory (kind
-    ``"ablate-controls"``), resumable like the K-sweep's; ``shard`` as in :func:`k_sweep`
-    (the summaries are then of the share only).
-    """
-    config = config or DecodeConfig()
-    _check_mode(mode, phase, model)
-    ks = list(ks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; the tasks are {TASKS}")
-    trials: list[Trial] = []
-    if "niah" in tasks:
-        if niah_trials is None:
-            n_needles = math.ceil(n / 5)
-            niah_trials = _tiny_trials().tiny_grid(
-                model.tokenizer,
-                lengths=[length],
-                depths=[0, 25, 50, 75, 100],
-                n_needles=n_needles,
-                seed=seed,
-            )
-            # grouped by needle: a cut at n drops needles, never depths
-            niah_trials = sorted(niah_trials, key=lambda t: t.params["needles"][0]["id"])[:n]
-        trials += [dataclasses.replace(t, params=dict(t.params, task="niah")) for t in niah_trials]
-    if "fact" in tasks:
-        trials += fact_trials(model, n, seed, length)
-    if "chain" in tasks:
-        trials += chain_trials(model, n, seed, length, hops)
-    _check_trials(trials)
-    table = _table(scores)
-    conditions, notes = plan_conditions(
-        table, ks, draws=draws, seed=seed, threshold=threshold, include_matched=include_matched
-    )
-    if mode in ("knockout", "resample") and any(_task(t) == "fact" for t in trials):
-        raise ValueError(f"mode {mode!r} needs a needle in every trial; facts have none")
-    mean_z, extra = (None, {})
-    if mode == "mean":
-        mean_z, extra = _mean_reference(model, trials, None, 8)
-    run_config = {
-        "experiment": "control_sweep",
-        "ks_requested": ks,
-        "draws": draws,
-        "seed": seed,
-        "n": n,
-        "length": length,
-        "hops": hops,
-        "tasks": list(tasks),
-        "mode": mode,
-        "phase": phase,
-        "threshold": threshold,
-        "score_source": _score_source(scores, None),
-        "decode": _decode_dict(config),
-        "trials": {"n": len(trials), "sha": _trials_digest(trials)},
-        "conditions": [c.to_dict() for c in conditions],
-        "notes": notes,
-        **extra,
-    }
-    records = _execute(
-        model,
-        trials,
-        conditions,
-        mode=mode,
-        phase=phase,
-        config=config,
-        mean_z=mean_z,
-        out=out,
-        run_config=run_config,
-        progress=progress,
-        seed=seed,
-        extra=extra,
-        kind="ablate-controls",
-        shard=shard,
-    )
-    by_task: dict[str, list[TrialRecord]] = defaultdict(list)
-    for r in records:
-        by_task[r.params["task"]].append(r)
-    rows = {task: analysis.k_sweep(by_task[task]) for task in tasks if by_task[task]}
-    return ControlSweep(records, rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# activation patching
-
-
-@dataclass(frozen=True)
-class PatchingPair:
-    """A clean prompt (needle A) and its corruption (same prompt, needle B's value in place)."""
-
-    clean_ids: tuple[int, ...]
-    corrupt_ids: tuple[int, ...]
-    answer_token: int  # first token of A's value
-    wrong_token: int  # first token of B's value
-    trial_id: str
-    answer: str
-    wrong_answer: str
-    depth_percent: float
-
-
-def patching_pairs(
-    model: HookedModel, n_pairs: int = 8, seed: int = 0, length: int = 128, n_distractors: int = 0
-) -> list[PatchingPair]:
-    """Clean/corrupt pairs in the embedded model's world, depths spread evenly over 0..100.
-
-    The clean prompt is an ordinary NIAH trial (held-out keys); the corrupt one is the same
-    token sequence with the needle's value replaced by another value of the same length whose
-    every word differs (the question, the key and every position stay the same).
-    """
-    world = _world()
-    sets = _tiny_trials().tiny_needle_sets(n_pairs, seed, n_distractors=n_distractors)
-    haystack = _tiny_trials().tiny_haystack(seed)
-    template = _tiny_trials().tiny_template()
-    rng = _rng("patching_pairs", seed)
-    pairs = []
-    for i, needle_set in enumerate(sets):
-        depth = 100.0 * i / (n_pairs - 1) if n_pairs > 1 else 50.0
-        trial = build_trial(
-            model.tokenizer,
-            haystack,
-            needle_set,
-            length=length,
-            depth_percent=depth,
-            template=template,
-            seed=seed,
-            n_ctx=model.n_ctx,
-        )
-        words = trial.answer.split()
-        other = [rng.choice([w for w in world.NUMBERS if w != word]) for word in words]
-        wrong = " ".join(other)
-        start, end = trial.answer_span
-        replacement = _encode(model, wrong, "patching value")
-        if len(replacement) != end - start:
-            raise ValueError(
-                f"the corrupt value {wrong!r} has {len(replacement)} tokens, the clean one "
-                f"{end - start}"
-            )
-        corrupt = list(trial.input_ids)
-        corrupt[start:end] = replacement
-        pairs.append(
-            PatchingPair(
-                clean_ids=trial.input_ids,
-                corrupt_ids=tuple(corrupt),
-                answer_token=trial.input_ids[start],
-                wrong_token=replacement[0],
-                trial_id=trial.trial_id,
-                answer=trial.answer,
-                wrong_answer=wrong,
-                depth_percent=depth,
-            )
-        )
-    return pairs
-
-
-def patching_map(
-    model: HookedModel, n_pairs: int = 8, seed: int = 0, length: int = 128
-) -> Float[Tensor, "layer head"]:
-    """Per-head recovery of the logit difference, averaged over :func:`patching_pairs`.
-
-    For each pair, :func:`~retrieval_heads.interventions.patch_heads` patches each head's clean
-    ``z`` (every position) into the corrupt run and measures ``(ld_patched - ld_corrupt) /
-    (ld_clean - ld_corrupt)`` with ``ld = logit[A's first token] - logit[B's first token]`` at
-    the last prompt position; the map is the mean over pairs (pairs whose recovery is undefined
-    are skipped). Returns a float32 ``[n_layers, n_heads]`` tensor on the CPU.
-    """
-    from retrieval_heads.interventions import patch_heads
-
-    maps = []
-    for pair in patching_pairs(model, n_pairs, seed, length):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            effect = patch_heads(
-                model,
-                list(pair.clean_ids),
-                list(pair.corrupt_ids),
-                pair.answer_token,
-                pair.wrong_token,
-            )
-        maps.append(effect.float().cpu())
-    stacked = torch.stack(maps)
-    valid = ~torch.isnan(stacked)
-    total = torch.where(valid, stacked, torch.zeros_like(stacked)).sum(0)
-    count = valid.sum(0)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
-
-
-def patching_vs_scores(effect: Tensor | np.ndarray, scores: Scores) -> dict[str, float]:
-    """Pearson and Spearman correlation between a patching map and retrieval scores (per head)."""
-    table = effect.detach().cpu().double().numpy() if isinstance(effect, Tensor) else effect
-    table = np.asarray(table, dtype=np.float64)
-    return {
-        "pearson": analysis.pearson(table, scores),
-        "spearman": analysis.spearman(table, scores),
-        "n_heads": int((~np.isnan(table) & ~np.isnan(_table(scores))).sum()),
-    }

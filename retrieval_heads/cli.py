@@ -550,7 +550,7 @@ def cmd_merge(args) -> int:
 def cmd_patch(args) -> int:
     import json
 
-    from retrieval_heads import causal, registry
+    from retrieval_heads import patching, registry
     from retrieval_heads.files import atomic_write_text, check_output_file, check_output_folder
     from retrieval_heads.store import load_results
 
@@ -566,11 +566,11 @@ def cmd_patch(args) -> int:
     check_output_folder(args.out)
     check_output_file(args.out / "patching.json", "patching map", owns={"patching.json"})
     model = load(args)
-    effect = causal.patching_map(model, n_pairs=args.pairs, seed=args.seed, length=args.length)
+    effect = patching.patching_map(model, n_pairs=args.pairs, seed=args.seed, length=args.length)
     out = {"model": model.name, "pairs": args.pairs, "seed": args.seed, "effect": effect.tolist()}
     if args.scores:
         _, scores, _ = load_results(args.scores)
-        out["agreement"] = causal.patching_vs_scores(effect, scores)
+        out["agreement"] = patching.patching_vs_scores(effect, scores)
         print(f"agreement with retrieval scores: {out['agreement']}")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "patching.json", json.dumps(out, indent=1))

@@ -560,7 +560,7 @@ def run(
 ) -> CotRun:
     """Answer every question directly and with chain of thought, under every condition.
 
-    Conditions (:func:`retrieval_heads.causal.plan_conditions`, matched-layer controls off):
+    Conditions (:func:`retrieval_heads.selection.plan_conditions`, matched-layer controls off):
     K=0 (nothing ablated), and for each K>0 the top-K heads of ``scores`` (a
     :class:`~retrieval_heads.scores.HeadScores` or ``[layer, head]`` array of this model) and
     ``draws`` seeded draws of K random heads scoring <= ``threshold``. ``mode`` and ``phase``
@@ -570,9 +570,9 @@ def run(
     resumable results directory (``kind="cot"``); a rerun skips the records already there.
     """
     from retrieval_heads import analysis
-    from retrieval_heads.causal import plan_conditions
     from retrieval_heads.interventions import ablate
     from retrieval_heads.records import TrialRecord
+    from retrieval_heads.selection import plan_conditions
     from retrieval_heads.store import ResultsDir
 
     if mode not in ("uniform", "zero"):

@@ -3,7 +3,10 @@
 Everything about trials that knows :mod:`retrieval_heads.tiny.world` lives here, built from the
 generic trial modules (:mod:`retrieval_heads.trials`), which never import it:
 :func:`retrieval_heads.trials.make_trials` reaches this module through its one seam,
-:func:`retrieval_heads.trials.world_trials`. It never runs a model.
+:func:`retrieval_heads.trials.world_trials`, and so does :mod:`retrieval_heads.patching` for its
+clean/corrupt pairs (the value words, :func:`tiny_value_words`, and the ``<unk>``-checked
+encoding, :func:`tiny_encode`, which the controls in :mod:`retrieval_heads.tiny.controls` share).
+It never runs a model.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from retrieval_heads.trials.needles import Needle, NeedleSet
 from retrieval_heads.trials.template import PromptTemplate
 from retrieval_heads.trials.trial import Trial
 
-__all__ = ["tiny_grid", "tiny_haystack", "tiny_needle_sets", "tiny_needles", "tiny_template"]
+__all__ = [
+    "tiny_encode",
+    "tiny_grid",
+    "tiny_haystack",
+    "tiny_needle_sets",
+    "tiny_needles",
+    "tiny_template",
+    "tiny_value_words",
+]
 
 
 def tiny_haystack(seed: int = 0) -> Haystack:
@@ -93,3 +104,21 @@ def tiny_grid(
         seed=seed,
         template=tiny_template(),
     )
+
+
+def tiny_value_words() -> tuple[str, ...]:
+    """The words a needle's value is made of in the embedded world (its number words, in order)."""
+    return tuple(world.NUMBERS)
+
+
+def tiny_encode(model: Any, text: str, what: str) -> list[int]:
+    """``text`` in ``model``'s tokenizer (no special tokens); ``ValueError`` naming ``what`` when
+    the tokenizer maps a word to ``<unk>`` (it does not speak the embedded model's language)."""
+    tokenizer = model.tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+        raise ValueError(
+            f"{what}: the model's tokenizer does not cover the embedded model's language (it "
+            "maps some words to <unk>); these controls are for load_model('tiny')"
+        )
+    return list(ids)

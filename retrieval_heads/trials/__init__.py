@@ -95,12 +95,14 @@ def uses_chat(model: Any, chat: bool | None = None) -> bool:
 def world_trials(world: str) -> ModuleType:
     """The trials module of a synthetic world (a model's ``world``, from its registry entry):
     ``"tiny"`` -> :mod:`retrieval_heads.tiny.trials` (``tiny_grid``, ``tiny_needles``,
-    ``tiny_needle_sets``, ``tiny_haystack``, ``tiny_template``)."""
+    ``tiny_needle_sets``, ``tiny_haystack``, ``tiny_template``, ``tiny_value_words``,
+    ``tiny_encode``)."""
     # The one seam between the generic trial modules and the embedded model's world. None of
     # them imports retrieval_heads.tiny: its haystack, needles and template live beside the world
     # in tiny/, and load only when a tiny model's grid, a tiny trial record (the views rebuild
-    # one) or an old retrieval_heads.haystack.tiny_* name asks for them. A new world adds a
-    # branch here and its own <world>/trials.py.
+    # one), activation patching's clean/corrupt pairs (retrieval_heads.patching) or an old
+    # retrieval_heads.haystack.tiny_* name asks for them. A new world adds a branch here and its
+    # own <world>/trials.py.
     if world == "tiny":
         from retrieval_heads.tiny import trials as tiny_trials
 

@@ -15,8 +15,17 @@ import pytest
 
 from retrieval_heads import Head, causal
 from retrieval_heads.analysis import k_sweep as summarise
+from retrieval_heads.patching import patching_pairs
 from retrieval_heads.scoring import detect
+from retrieval_heads.selection import (
+    clip_ks,
+    matched_layer_heads,
+    plan_conditions,
+    random_heads,
+    top_heads,
+)
 from retrieval_heads.store import load_results
+from retrieval_heads.tiny.controls import chain_trials, fact_trials
 from retrieval_heads.tiny.trials import tiny_grid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,43 +53,41 @@ TABLE = table_with(
 def test_random_heads_are_seeded_and_avoid_top_and_retrieval_heads():
     retrieval = {Head(int(i), int(j)) for i, j in np.argwhere(TABLE > 0.1)}
     for k in (1, 3, 6):
-        top = set(causal.top_heads(TABLE, k))
+        top = set(top_heads(TABLE, k))
         seen = set()
         for draw in range(8):
-            heads = causal.random_heads(TABLE, k, seed=7, draw=draw)
-            assert heads == causal.random_heads(TABLE, k, seed=7, draw=draw)
+            heads = random_heads(TABLE, k, seed=7, draw=draw)
+            assert heads == random_heads(TABLE, k, seed=7, draw=draw)
             assert len(heads) == len(set(heads)) == k
             assert not set(heads) & top
             assert not set(heads) & retrieval
             assert heads == sorted(heads)
             seen.add(tuple(heads))
         assert len(seen) > 1  # draws differ
-    assert causal.random_heads(TABLE, 4, seed=1, draw=0) != causal.random_heads(
-        TABLE, 4, seed=2, draw=0
-    )
+    assert random_heads(TABLE, 4, seed=1, draw=0) != random_heads(TABLE, 4, seed=2, draw=0)
 
 
 def test_random_heads_exclude_top_and_pool_limits():
-    top10 = set(causal.top_heads(TABLE, 10))
-    heads = causal.random_heads(TABLE, 2, seed=0, draw=0, exclude_top=10)
+    top10 = set(top_heads(TABLE, 10))
+    heads = random_heads(TABLE, 2, seed=0, draw=0, exclude_top=10)
     assert not set(heads) & top10
     small = table_with({"0.0": 0.9, "0.1": 0.8, "0.2": 0.5}, shape=(1, 4))  # 0.3 is the only other
-    assert causal.random_heads(small, 1, seed=0, draw=0) == [Head(0, 3)]
+    assert random_heads(small, 1, seed=0, draw=0) == [Head(0, 3)]
     with pytest.raises(ValueError, match="fallback"):
-        causal.random_heads(small, 2, seed=0, draw=0)
+        random_heads(small, 2, seed=0, draw=0)
     # with the fallback the second head is the retrieval head outside the top-2
-    assert causal.random_heads(small, 2, seed=0, draw=0, fallback=True) == [Head(0, 2), Head(0, 3)]
+    assert random_heads(small, 2, seed=0, draw=0, fallback=True) == [Head(0, 2), Head(0, 3)]
     with pytest.raises(ValueError, match="other heads"):
-        causal.random_heads(small, 3, seed=0, draw=0, fallback=True)
+        random_heads(small, 3, seed=0, draw=0, fallback=True)
 
 
 def test_matched_layer_heads_respect_per_layer_counts():
     for k in (2, 4, 5):
-        top = causal.top_heads(TABLE, k)
+        top = top_heads(TABLE, k)
         per_layer = np.bincount([h.layer for h in top], minlength=4)
         for draw in range(5):
-            heads = causal.matched_layer_heads(TABLE, k, seed=3, draw=draw)
-            assert heads == causal.matched_layer_heads(TABLE, k, seed=3, draw=draw)
+            heads = matched_layer_heads(TABLE, k, seed=3, draw=draw)
+            assert heads == matched_layer_heads(TABLE, k, seed=3, draw=draw)
             assert np.array_equal(np.bincount([h.layer for h in heads], minlength=4), per_layer)
             assert not set(heads) & set(top)
             assert all(TABLE[h.layer, h.head] <= 0.1 for h in heads)
@@ -89,16 +96,16 @@ def test_matched_layer_heads_respect_per_layer_counts():
 def test_matched_layer_falls_back_to_neighbours_with_a_note():
     full = table_with({f"1.{h}": 0.9 - 0.01 * h for h in range(8)})  # layer 1: all retrieval
     with pytest.raises(ValueError, match="fallback"):
-        causal.matched_layer_heads(full, 3, seed=0, draw=0)
-    heads = causal.matched_layer_heads(full, 3, seed=0, draw=0, fallback=True)
+        matched_layer_heads(full, 3, seed=0, draw=0)
+    heads = matched_layer_heads(full, 3, seed=0, draw=0, fallback=True)
     assert len(heads) == 3 and {h.layer for h in heads} <= {0, 2}
-    conditions, _ = causal.plan_conditions(full, [3], draws=1)
+    conditions, _ = plan_conditions(full, [3], draws=1)
     matched = [c for c in conditions if c.selection == "matched_layer"]
     assert matched and "layer 1 has 0 of 3" in matched[0].note
 
 
 def test_plan_conditions_clips_k_and_skips_infeasible_controls():
-    conditions, notes = causal.plan_conditions(TABLE, [0, 2, 40, 32, 100], draws=2)
+    conditions, notes = plan_conditions(TABLE, [0, 2, 40, 32, 100], draws=2)
     ks = sorted({c.k for c in conditions})
     assert ks == [0, 2, 32]  # 40 and 100 clipped to the 32 heads, then deduplicated
     assert any("clipped" in n for n in notes) and any("dropped" in n for n in notes)
@@ -112,7 +119,7 @@ def test_plan_conditions_clips_k_and_skips_infeasible_controls():
     tags = [c.tag for c in conditions]
     assert len(tags) == len(set(tags))
     with pytest.raises(ValueError):
-        causal.clip_ks([-1], 10)
+        clip_ks([-1], 10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +144,7 @@ def accuracy(records):
 
 
 def test_detected_top6_are_the_layer2_retrieval_heads(scores):
-    top = {h.dotted for h in causal.top_heads(scores, 6)}
+    top = {h.dotted for h in top_heads(scores, 6)}
     assert top == {"2.0", "2.1", "2.4", "2.5", "2.6", "2.7"}
 
 
@@ -146,9 +153,9 @@ def niah_runs(tiny_model, niah, scores):
     """The NIAH grid unablated, with the top-6 heads ablated, and with 6 random heads."""
     return {
         "base": causal.ablate_grid(tiny_model, niah, []),
-        "top": causal.ablate_grid(tiny_model, niah, causal.top_heads(scores, 6), selection="top"),
+        "top": causal.ablate_grid(tiny_model, niah, top_heads(scores, 6), selection="top"),
         "random": causal.ablate_grid(
-            tiny_model, niah, causal.random_heads(scores, 6, seed=0, draw=0), selection="random"
+            tiny_model, niah, random_heads(scores, 6, seed=0, draw=0), selection="random"
         ),
     }
 
@@ -178,10 +185,10 @@ def test_top_k_ablation_breaks_niah_random_k_does_not(niah_runs):
 def test_facts_survive_top_k_ablation_far_better_than_niah(tiny_model, niah_runs, scores):
     """The embedded model's facts are not untouched by top-6 ablation (measured 8/12 kept; a
     random draw holding head 1.1 costs them as much), but far less than NIAH's exact answers."""
-    facts = causal.fact_trials(tiny_model, 12, seed=0, length=128)
+    facts = fact_trials(tiny_model, 12, seed=0, length=128)
     assert all(not t.needles and t.params["task"] == "fact" for t in facts)
     assert len({t.trial_id for t in facts}) == 12 and len(facts[0].input_ids) == 128
-    top6 = causal.top_heads(scores, 6)
+    top6 = top_heads(scores, 6)
     base = causal.ablate_grid(tiny_model, facts, [])
     top = causal.ablate_grid(tiny_model, facts, top6, selection="top")
     assert accuracy(base) >= 11 / 12
@@ -193,7 +200,7 @@ def test_facts_survive_top_k_ablation_far_better_than_niah(tiny_model, niah_runs
 
 
 def test_chain_trials_are_built_and_graded_by_hops(tiny_model):
-    chains = causal.chain_trials(tiny_model, 2, seed=0, length=200, hops=3)
+    chains = chain_trials(tiny_model, 2, seed=0, length=200, hops=3)
     for trial in chains:
         assert trial.params["task"] == "chain" and len(trial.params["hops"]) == 3
         assert trial.answer == " , ".join(trial.params["hops"])
@@ -213,7 +220,7 @@ def test_other_modes_run_and_record_their_choices(tiny_model, niah, scores, mode
     records = causal.ablate_grid(
         tiny_model,
         trials,
-        causal.top_heads(scores, 6),
+        top_heads(scores, 6),
         mode=mode,
         phase=phase,
         selection="top",
@@ -258,10 +265,8 @@ def test_k_sweep_resumes_to_identical_records(tiny_model, niah, scores, tmp_path
     assert config["draws"] == 1 and config["mode"] == "uniform" and config["phase"] == "decode"
     assert any("dropped" in n for n in config["notes"])
     drawn = {(c["selection"], c["k"], c["draw"]): c["heads"] for c in config["conditions"]}
-    assert drawn[("top", 2, 0)] == [h.dotted for h in sorted(causal.top_heads(scores, 2))]
-    assert drawn[("random", 2, 0)] == [
-        h.dotted for h in causal.random_heads(scores, 2, seed=5, draw=0)
-    ]
+    assert drawn[("top", 2, 0)] == [h.dotted for h in sorted(top_heads(scores, 2))]
+    assert drawn[("random", 2, 0)] == [h.dotted for h in random_heads(scores, 2, seed=5, draw=0)]
 
     calls = {"n": 0}
     real = causal._run_one
@@ -292,7 +297,7 @@ def test_k_sweep_resumes_to_identical_records(tiny_model, niah, scores, tmp_path
 
 
 def test_patching_pairs_differ_only_in_the_value(tiny_model):
-    pairs = causal.patching_pairs(tiny_model, n_pairs=2, seed=0, length=96)
+    pairs = patching_pairs(tiny_model, n_pairs=2, seed=0, length=96)
     for pair in pairs:
         diff = [i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupt_ids, strict=True))
                 if a != b]  # fmt: skip

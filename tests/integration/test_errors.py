@@ -457,13 +457,13 @@ def test_e24_head_label_out_of_range(tmp_path, tiny_model, trials):
 
 
 def test_e25_k_larger_than_the_number_of_heads(cli, tmp_path, finished):
-    from retrieval_heads import causal
+    from retrieval_heads import selection
 
     _, scores, _ = load_results(finished)
     with pytest.raises(ValueError, match=r"k=100 exceeds the model's 64 heads"):
-        causal.random_heads(scores, 100, seed=0, draw=0)
+        selection.random_heads(scores, 100, seed=0, draw=0)
     with pytest.raises(ValueError, match=r"k=65 exceeds"):
-        causal.matched_layer_heads(scores, 65, seed=0, draw=0)
+        selection.matched_layer_heads(scores, 65, seed=0, draw=0)
     # the command line clips K (its default K list must work on small models), warns and
     # records it; every trial fails with all 64 heads ablated, and that is a result
     out = tmp_path / "ablate"

@@ -1,7 +1,7 @@
 """The paper's causal claims on the embedded model, with bigger sweeps than the default tier.
 
 Measured on CPU (greedy decoding, so deterministic) before the margins were set; see the
-module ``retrieval_heads.causal`` for what each condition means. On 40 NIAH trials (lengths
+module ``retrieval_heads.selection`` for what each condition means. On 40 NIAH trials (lengths
 150-1000, 5 depths, 2 needles with 2 distractors each; retrieval scores from 150 other trials)
 accuracy was: top-K 1.0 for K <= 4 (six redundant layer-2 heads: any two left suffice), 0.175 at
 K=6, 0.025 at K=8 and 16; random-K >= 0.99 up to K=8 (0.81 at K=16); matched-layer >= 0.975 up
@@ -16,10 +16,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval_heads import causal
+from retrieval_heads import causal, patching
 from retrieval_heads.analysis import k_sweep as summarise
 from retrieval_heads.scoring import detect
+from retrieval_heads.selection import top_heads
 from retrieval_heads.store import load_results
+from retrieval_heads.tiny.controls import control_sweep
 from retrieval_heads.tiny.trials import tiny_grid
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -59,7 +61,7 @@ def test_k_sweep_top_k_breaks_niah_and_controls_do_not(tiny_model, scores, tmp_p
 
 
 def test_controls_chains_break_facts_are_not_specific(tiny_model, scores):
-    sweep = causal.control_sweep(tiny_model, scores, ks=(0, 6), draws=3, seed=0, n=10, length=256)
+    sweep = control_sweep(tiny_model, scores, ks=(0, 6), draws=3, seed=0, n=10, length=256)
     acc = sweep.accuracy
     for task in ("niah", "fact", "chain"):
         assert acc(task, "none", 0) >= 0.9
@@ -73,11 +75,11 @@ def test_controls_chains_break_facts_are_not_specific(tiny_model, scores):
 
 
 def test_patching_map_singles_out_the_retrieval_heads(tiny_model, scores):
-    effect = causal.patching_map(tiny_model, n_pairs=6, seed=0, length=128)
+    effect = patching.patching_map(tiny_model, n_pairs=6, seed=0, length=128)
     assert effect.shape == (8, 8)
     flat = effect.flatten().numpy()
     top_patch = {f"{i // 8}.{i % 8}" for i in np.argsort(-flat)[:6]}
-    assert top_patch == {h.dotted for h in causal.top_heads(scores, 6)}
-    agreement = causal.patching_vs_scores(effect, scores)
+    assert top_patch == {h.dotted for h in top_heads(scores, 6)}
+    agreement = patching.patching_vs_scores(effect, scores)
     assert agreement["pearson"] >= 0.7
     assert agreement["n_heads"] == 64

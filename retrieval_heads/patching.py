@@ -1,0 +1,148 @@
+"""Activation patching per head: how much of a needle's answer each head carries.
+
+- :class:`PatchingPair` — a clean prompt and its corruption (the same tokens, another value);
+- :func:`patching_pairs` — such pairs in the embedded model's world, depths spread evenly;
+- :func:`patching_map` — each head's clean ``z`` patched into the corrupt run
+  (:func:`~retrieval_heads.interventions.patch_heads`), the recovered logit difference averaged
+  over the pairs;
+- :func:`patching_vs_scores` — the map's agreement with the retrieval scores.
+
+The pairs are built in the embedded model's synthetic language (its needles, haystack, template
+and value words), which this module reaches only through the trials package's one seam to it,
+:func:`retrieval_heads.trials.world_trials`: it never imports :mod:`retrieval_heads.tiny`, and
+importing it does not load the world. It never chooses heads to ablate (that is
+:mod:`retrieval_heads.selection`) nor decodes (that is :mod:`retrieval_heads.causal`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from retrieval_heads import analysis
+from retrieval_heads.model import HookedModel
+from retrieval_heads.selection import Scores, _rng, _table
+from retrieval_heads.trials import world_trials
+from retrieval_heads.trials.builder import build_trial
+
+__all__ = ["PatchingPair", "patching_map", "patching_pairs", "patching_vs_scores"]
+
+
+@dataclass(frozen=True)
+class PatchingPair:
+    """A clean prompt (needle A) and its corruption (same prompt, needle B's value in place)."""
+
+    clean_ids: tuple[int, ...]
+    corrupt_ids: tuple[int, ...]
+    answer_token: int  # first token of A's value
+    wrong_token: int  # first token of B's value
+    trial_id: str
+    answer: str
+    wrong_answer: str
+    depth_percent: float
+
+
+def patching_pairs(
+    model: HookedModel, n_pairs: int = 8, seed: int = 0, length: int = 128, n_distractors: int = 0
+) -> list[PatchingPair]:
+    """Clean/corrupt pairs in the embedded model's world, depths spread evenly over 0..100.
+
+    The clean prompt is an ordinary NIAH trial (held-out keys); the corrupt one is the same
+    token sequence with the needle's value replaced by another value of the same length whose
+    every word differs (the question, the key and every position stay the same).
+    """
+    # The embedded world's needles, haystack, template, value words and encoding, through the
+    # trials package's one seam to them (this module never imports retrieval_heads.tiny).
+    tiny = world_trials("tiny")
+    sets = tiny.tiny_needle_sets(n_pairs, seed, n_distractors=n_distractors)
+    haystack = tiny.tiny_haystack(seed)
+    template = tiny.tiny_template()
+    values = tiny.tiny_value_words()
+    rng = _rng("patching_pairs", seed)
+    pairs = []
+    for i, needle_set in enumerate(sets):
+        depth = 100.0 * i / (n_pairs - 1) if n_pairs > 1 else 50.0
+        trial = build_trial(
+            model.tokenizer,
+            haystack,
+            needle_set,
+            length=length,
+            depth_percent=depth,
+            template=template,
+            seed=seed,
+            n_ctx=model.n_ctx,
+        )
+        words = trial.answer.split()
+        other = [rng.choice([w for w in values if w != word]) for word in words]
+        wrong = " ".join(other)
+        start, end = trial.answer_span
+        replacement = tiny.tiny_encode(model, wrong, "patching value")
+        if len(replacement) != end - start:
+            raise ValueError(
+                f"the corrupt value {wrong!r} has {len(replacement)} tokens, the clean one "
+                f"{end - start}"
+            )
+        corrupt = list(trial.input_ids)
+        corrupt[start:end] = replacement
+        pairs.append(
+            PatchingPair(
+                clean_ids=trial.input_ids,
+                corrupt_ids=tuple(corrupt),
+                answer_token=trial.input_ids[start],
+                wrong_token=replacement[0],
+                trial_id=trial.trial_id,
+                answer=trial.answer,
+                wrong_answer=wrong,
+                depth_percent=depth,
+            )
+        )
+    return pairs
+
+
+def patching_map(
+    model: HookedModel, n_pairs: int = 8, seed: int = 0, length: int = 128
+) -> Float[Tensor, "layer head"]:
+    """Per-head recovery of the logit difference, averaged over :func:`patching_pairs`.
+
+    For each pair, :func:`~retrieval_heads.interventions.patch_heads` patches each head's clean
+    ``z`` (every position) into the corrupt run and measures ``(ld_patched - ld_corrupt) /
+    (ld_clean - ld_corrupt)`` with ``ld = logit[A's first token] - logit[B's first token]`` at
+    the last prompt position; the map is the mean over pairs (pairs whose recovery is undefined
+    are skipped). Returns a float32 ``[n_layers, n_heads]`` tensor on the CPU.
+    """
+    from retrieval_heads.interventions import patch_heads
+
+    maps = []
+    for pair in patching_pairs(model, n_pairs, seed, length):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            effect = patch_heads(
+                model,
+                list(pair.clean_ids),
+                list(pair.corrupt_ids),
+                pair.answer_token,
+                pair.wrong_token,
+            )
+        maps.append(effect.float().cpu())
+    stacked = torch.stack(maps)
+    valid = ~torch.isnan(stacked)
+    total = torch.where(valid, stacked, torch.zeros_like(stacked)).sum(0)
+    count = valid.sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
+
+
+def patching_vs_scores(effect: Tensor | np.ndarray, scores: Scores) -> dict[str, float]:
+    """Pearson and Spearman correlation between a patching map and retrieval scores (per head)."""
+    table = effect.detach().cpu().double().numpy() if isinstance(effect, Tensor) else effect
+    table = np.asarray(table, dtype=np.float64)
+    return {
+        "pearson": analysis.pearson(table, scores),
+        "spearman": analysis.spearman(table, scores),
+        "n_heads": int((~np.isnan(table) & ~np.isnan(_table(scores))).sum()),
+    }
