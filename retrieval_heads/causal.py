@@ -33,7 +33,7 @@ Choices, all explicit and recorded in every record's ``params`` and in the resul
   (:class:`~retrieval_heads.selection.Condition`; the selections ``"top"``, ``"random"``,
   ``"matched_layer"``, ``"none"`` and ``"custom"`` are described in
   :mod:`retrieval_heads.selection`). Draws are reproducible from ``(seed, k, draw)`` alone (a
-  SHA-256-seeded ``random.Random``);
+  SHA-256-seeded ``random.Random``, :func:`~retrieval_heads.seeding.seeded_rng`);
 - an ablated record's trial id is ``"<trial id>|<selection>|k=<K>|draw=<d>"``, so one results
   directory holds every condition and a rerun resumes where it stopped;
 - records carry ``k``, ``selection``, ``draw``, ``mode``, ``phase``, ``ablated`` (``"L.H"``

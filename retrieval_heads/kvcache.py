@@ -35,9 +35,7 @@ would have over an evicted cache.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +51,7 @@ from retrieval_heads.model import HookedModel
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scores import HeadScores
 from retrieval_heads.scoring import DecodeConfig, check_lengths, score_trial
+from retrieval_heads.seeding import seeded_rng
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
 from retrieval_heads.store import ResultsDir
 from retrieval_heads.trials.trial import Trial
@@ -185,8 +184,7 @@ def random_kv_heads(
 ) -> list[KVHead]:
     """``k`` KV heads drawn uniformly, reproducibly from ``(seed, draw, k)``, sorted."""
     _check_k(k, n_layers * n_kv_heads)
-    digest = hashlib.sha256(json.dumps(["kv-random", seed, draw, k]).encode()).digest()
-    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    rng = seeded_rng("kv-random", seed, draw, int(k))  # int(k): numpy K, same heads
     everything = [(layer, kv) for layer in range(n_layers) for kv in range(n_kv_heads)]
     return sorted(rng.sample(everything, k))
 

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from retrieval_heads import analysis
 from retrieval_heads.model import HookedModel
-from retrieval_heads.selection import Scores, _rng, _table
+from retrieval_heads.seeding import seeded_rng
+from retrieval_heads.selection import Scores, _table
 from retrieval_heads.trials import world_trials
 from retrieval_heads.trials.builder import build_trial
 
@@ -64,7 +65,7 @@ def patching_pairs(
     haystack = tiny.tiny_haystack(seed)
     template = tiny.tiny_template()
     values = tiny.tiny_value_words()
-    rng = _rng("patching_pairs", seed)
+    rng = seeded_rng("patching_pairs", seed)
     pairs = []
     for i, needle_set in enumerate(sets):
         depth = 100.0 * i / (n_pairs - 1) if n_pairs > 1 else 50.0

@@ -15,7 +15,7 @@ best-scored heads), ``"random"`` (K heads drawn from the non-retrieval heads, sc
 ``threshold``, never one of the top-K), ``"matched_layer"`` (as many heads per layer as the
 top-K has, drawn from the non-retrieval heads of those layers), ``"none"`` (K=0, the baseline)
 or ``"custom"`` (heads passed by hand). Draws are reproducible from ``(seed, k, draw)`` alone (a
-SHA-256-seeded ``random.Random``, ``_rng``).
+SHA-256-seeded ``random.Random``, :func:`retrieval_heads.seeding.seeded_rng`).
 
 It never runs a model and never imports torch: scores in (a
 :class:`~retrieval_heads.scores.HeadScores` or a ``[layer, head]`` array), heads out.
@@ -23,9 +23,6 @@ It never runs a model and never imports torch: scores in (a
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +33,7 @@ import numpy as np
 from retrieval_heads import analysis
 from retrieval_heads.heads import Head
 from retrieval_heads.scores import HeadScores
+from retrieval_heads.seeding import seeded_rng
 
 __all__ = [
     "SELECTIONS",
@@ -53,12 +51,6 @@ Scores = HeadScores | np.ndarray
 
 # ---------------------------------------------------------------------------------------------
 # choosing heads
-
-
-def _rng(*parts: Any) -> random.Random:
-    """A generator seeded by a stable hash of ``parts`` (not Python's salted ``hash``)."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 def _table(scores: Scores) -> np.ndarray:
@@ -87,7 +79,7 @@ def _draw_random(
     retrieval = _is_retrieval(table, threshold)
     heads = _all_heads(table)
     strict = [h for h in heads if h not in exclude and not retrieval[h.layer, h.head]]
-    rng = _rng("random_heads", seed, k, draw)
+    rng = seeded_rng("random_heads", seed, k, draw)
     if len(strict) >= k:
         return sorted(rng.sample(strict, k)), None
     extra = [h for h in heads if h not in exclude and retrieval[h.layer, h.head]]
@@ -150,7 +142,7 @@ def _draw_matched(
     need: dict[int, int] = defaultdict(int)
     for h in top:
         need[h.layer] += 1
-    rng = _rng("matched_layer_heads", seed, k, draw)
+    rng = seeded_rng("matched_layer_heads", seed, k, draw)
     chosen: list[Head] = []
     notes = []
     for layer in sorted(need):

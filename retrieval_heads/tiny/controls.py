@@ -43,7 +43,8 @@ from retrieval_heads.causal import (
 from retrieval_heads.model import HookedModel
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scoring import DecodeConfig
-from retrieval_heads.selection import Scores, _rng, _table, plan_conditions
+from retrieval_heads.seeding import seeded_rng
+from retrieval_heads.selection import Scores, _table, plan_conditions
 from retrieval_heads.sharding import Shard
 from retrieval_heads.tiny import trials as tiny_trials
 from retrieval_heads.tiny import world
@@ -73,7 +74,7 @@ def fact_trials(model: HookedModel, n: int, seed: int = 0, length: int = 256) ->
     facts = world.fact_table()
     if not 0 < n <= len(facts):
         raise ValueError(f"n must be within 1..{len(facts)}, got {n}")
-    rng = _rng("fact_trials", seed)
+    rng = seeded_rng("fact_trials", seed)
     chosen = rng.sample(range(len(facts)), n)
     bos = model.tokenizer.bos_token_id
     out = []
@@ -83,7 +84,7 @@ def fact_trials(model: HookedModel, n: int, seed: int = 0, length: int = 256) ->
         n_filler = length - 1 - len(question)
         if n_filler < 1:
             raise ValueError(f"length {length} leaves no room for filler")
-        ids = [bos, *_filler(model, n_filler, _rng("fact_filler", seed, i)), *question]
+        ids = [bos, *_filler(model, n_filler, seeded_rng("fact_filler", seed, i)), *question]
         params = {
             "task": "fact",
             "fact_index": index,
@@ -123,7 +124,7 @@ def chain_trials(
     """
     if hops < 1:
         raise ValueError(f"hops must be >= 1, got {hops}")
-    rng = _rng("chain_trials", seed, hops)
+    rng = seeded_rng("chain_trials", seed, hops)
     haystack = tiny_trials.tiny_haystack(seed)
     template = tiny_trials.tiny_template()
     out = []

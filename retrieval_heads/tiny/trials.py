@@ -15,8 +15,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from retrieval_heads.seeding import seeded_rng
 from retrieval_heads.tiny import world
-from retrieval_heads.trials.base import _rng
 from retrieval_heads.trials.grid import make_grid
 from retrieval_heads.trials.haystacks import Haystack, _shared
 from retrieval_heads.trials.needles import Needle, NeedleSet
@@ -70,7 +70,7 @@ def tiny_needle_sets(
         others = []
         if n_distractors:
             others = world.make_distractors(
-                _rng("tiny-distractors", seed, i), target, n_distractors, split=split
+                seeded_rng("tiny-distractors", seed, i), target, n_distractors, split=split
             )
         base = f"tiny-{split}-s{seed}-{i}"
         sets.append(

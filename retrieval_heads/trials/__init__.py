@@ -11,7 +11,8 @@ The package's modules, in the one direction data flows through them (``base`` un
     tokens ──► haystacks ──┼──► builder ──► grid ──► make_trials (here)
     template ──────────────┘
 
-- :mod:`~retrieval_heads.trials.base`: :class:`TrialError`, the data folder, the seeded RNG;
+- :mod:`~retrieval_heads.trials.base`: :class:`TrialError`, the data folder (their seeded RNG is
+  :func:`retrieval_heads.seeding.seeded_rng`, shared with the rest of the package);
 - :mod:`~retrieval_heads.trials.needles`: :class:`Needle`, :class:`NeedleSet`, JSONL needles,
   key/value needles;
 - :mod:`~retrieval_heads.trials.tokens`: the tokenizer adapter (continuation ids, BOS, sentence

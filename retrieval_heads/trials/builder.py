@@ -41,7 +41,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from retrieval_heads.trials.base import TrialError, _rng
+from retrieval_heads.seeding import seeded_rng
+from retrieval_heads.trials.base import TrialError
 from retrieval_heads.trials.haystacks import Haystack, _EmptyHaystack
 from retrieval_heads.trials.needles import Needle, NeedleSet
 from retrieval_heads.trials.template import PromptTemplate
@@ -162,7 +163,7 @@ def build_trial(
     # Haystack window: it ends at a sentence end (so the question follows a whole sentence),
     # chosen from the seed among the sentence ends within max_offset tokens of the earliest.
     stream = haystack._stream(tokenizer)
-    offset_rng = _rng("offset", seed)
+    offset_rng = seeded_rng("offset", seed)
     try:
         stream.ensure(tok, max_offset + 1)
         limit = max_offset if stream.cycle_len is None else min(max_offset, stream.cycle_len - 1)
@@ -195,7 +196,7 @@ def build_trial(
         if first != 0:
             boundary = "token"
     positions = [first]
-    place_rng = _rng("place", seed, length, depth, all_ids)
+    place_rng = seeded_rng("place", seed, length, depth, all_ids)
     rest = len(tokenized) - 1
     if rest:
         if has_sentences:

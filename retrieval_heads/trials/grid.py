@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from retrieval_heads.trials.base import TrialError, _rng
+from retrieval_heads.seeding import seeded_rng
+from retrieval_heads.trials.base import TrialError
 from retrieval_heads.trials.builder import DEFAULT_MAX_OFFSET, _as_set, build_trial
 from retrieval_heads.trials.haystacks import Haystack
 from retrieval_heads.trials.needles import Needle, NeedleSet
@@ -93,7 +94,7 @@ def make_grid(
                 f"make_grid: needle {item.targets[0].needle_id!r} needs {n_distractors} "
                 f"distractors but only {len(candidates)} other needles can serve"
             )
-        chosen = _rng("distractors", seed, key).sample(candidates, n_distractors)
+        chosen = seeded_rng("distractors", seed, key).sample(candidates, n_distractors)
         resolved.append(
             NeedleSet(
                 item.targets,

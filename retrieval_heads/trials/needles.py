@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval_heads.trials.base import DATA_DIR, TrialError, _not_utf8, _rng
+from retrieval_heads.seeding import seeded_rng
+from retrieval_heads.trials.base import DATA_DIR, TrialError, _not_utf8
 
 __all__ = [
     "NEEDLES_PATH",
@@ -180,7 +181,7 @@ def key_value_needles(
         raise TrialError(f"kind must be one of {kinds}, got {kind!r}")
     if n_distractors is None:
         n_distractors = 3 if kind == "multikey" else 0
-    rng = _rng("key_value_needles", seed, kind)
+    rng = seeded_rng("key_value_needles", seed, kind)
     keys = [f"{a} {b}" for a in _KV_ADJECTIVES for b in _KV_NOUNS]
     sets: list[NeedleSet] = []
     for i in range(n):

@@ -103,6 +103,9 @@ def test_top_and_random_kv_heads():
     assert a == kvcache.random_kv_heads(4, 8, 5, seed=1, draw=0)
     assert a != kvcache.random_kv_heads(4, 8, 5, seed=1, draw=1)
     assert len(set(a)) == 5 and a == sorted(a)
+    # pinned: the stream of seeded_rng("kv-random", seed, draw, k); a numpy K draws the same
+    assert kvcache.random_kv_heads(4, 8, 3, seed=1, draw=0) == [(0, 0), (2, 4), (3, 1)]
+    assert kvcache.random_kv_heads(4, 8, np.int64(3), seed=1, draw=0) == [(0, 0), (2, 4), (3, 1)]
     with pytest.raises(ValueError, match="K must be an integer from 0"):
         kvcache.top_kv_heads(kv, 5)
 
