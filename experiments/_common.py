@@ -83,15 +83,6 @@ def load(name: str) -> Any:
     return load_model(name)
 
 
-def default_lengths(n_ctx: int, n: int = 3) -> list[int]:
-    """``n`` lengths up to the context (tiny: 200, 600, 1000; tiny-short: 64, 157, 250)."""
-    from retrieval_heads.trials.grid import linspace_lengths
-
-    high = n_ctx - 6 if n_ctx <= 512 else n_ctx - 24
-    low = max(64, round(high / 5))
-    return linspace_lengths(low, high, n)
-
-
 def grid_for(
     model: Any,
     *,
@@ -103,8 +94,9 @@ def grid_for(
 ) -> list:
     """The NIAH grid for ``model`` (:func:`retrieval_heads.trials.make_trials`): the embedded
     world's for the tiny models, else the built-in filler and needles, in the chat template for
-    instruct models."""
-    from retrieval_heads.trials import make_trials
+    instruct models. Without ``lengths``, 3 up to the model's context
+    (:func:`retrieval_heads.trials.default_lengths`: tiny 200, 600, 1000)."""
+    from retrieval_heads.trials import default_lengths, make_trials
 
     return make_trials(
         model,
@@ -113,6 +105,20 @@ def grid_for(
         n_needles=n_needles,
         n_distractors=n_distractors,
         seed=seed,
+    )
+
+
+def sweep_grid(model: Any, args: argparse.Namespace) -> list:
+    """The grid a script's sweep runs on (``--sweep-lengths``, ``--sweep-depths``,
+    ``--sweep-needles``, ``--n-distractors``): :func:`grid_for` with other needles than
+    detection's (seed + 1), so the heads are not tested on the trials that chose them."""
+    return grid_for(
+        model,
+        lengths=args.sweep_lengths,
+        depths=args.sweep_depths,
+        n_needles=args.sweep_needles,
+        n_distractors=args.n_distractors,
+        seed=args.seed + 1,
     )
 
 

@@ -41,32 +41,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from retrieval_heads import analysis, causal
-    from retrieval_heads.tiny.trials import tiny_grid
     from retrieval_heads.views import figures
 
     say = C.Clock()
     out: Path = args.out
     _, scores, _, source = C.detection(args, out, say)
     model = C.load(args.model)
-    if getattr(model, "world", None) == "tiny":
-        # other needles than detection's (seed + 1): the sweep is not scored on its own trials
-        trials = tiny_grid(
-            model.tokenizer,
-            lengths=args.sweep_lengths,
-            depths=args.sweep_depths,
-            n_needles=args.sweep_needles,
-            n_distractors=args.n_distractors,
-            seed=args.seed + 1,
-        )
-    else:
-        trials = C.grid_for(
-            model,
-            lengths=args.sweep_lengths,
-            depths=args.sweep_depths,
-            n_needles=args.sweep_needles,
-            n_distractors=args.n_distractors,
-            seed=args.seed + 1,
-        )
+    trials = C.sweep_grid(model, args)
     say(
         f"K-sweep on {model.name}: K = {args.ks}, {args.draws} random draws, "
         f"{len(trials)} trials, mode {args.mode}"

@@ -48,15 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     out: Path = args.out
     _, scores, _, source = C.detection(args, out, say)
     model = C.load(args.model)
-    # other needles than detection's (seed + 1): the heads are not chosen on the same trials
-    trials = C.grid_for(
-        model,
-        lengths=args.sweep_lengths,
-        depths=args.sweep_depths,
-        n_needles=args.sweep_needles,
-        n_distractors=args.n_distractors,
-        seed=args.seed + 1,
-    )
+    trials = C.sweep_grid(model, args)
     say(f"KV-cache what-if on {model.name}: {len(trials)} trials, sink {args.sink}, window "
         f"{args.window}, {args.draws} random draws")  # fmt: skip
     sweep = kvcache.simulate(

@@ -350,12 +350,20 @@ def load(args):
 def trials_for(model, args):
     """The NIAH grid for this model: its own world's prompts for the embedded model."""
     from retrieval_heads.trials import make_trials, uses_chat
-    from retrieval_heads.trials.grid import linspace_depths, linspace_lengths
+    from retrieval_heads.trials.grid import default_lengths, linspace_depths
 
-    room = 32  # tokens left for the answer
-    high = args.max_length or min(model.n_ctx, 32768) - room
-    low = args.min_length or max(64, high // 8)
-    lengths = args.lengths or linspace_lengths(low, high, args.n_lengths)
+    # the command line's own default lengths: up to 32768 tokens less 32 for the answer, the
+    # shortest an eighth of the longest (the experiment scripts keep default_lengths' defaults)
+    lengths = args.lengths or default_lengths(
+        model.n_ctx,
+        args.n_lengths,
+        room=32,
+        shortest=8,
+        floor=True,
+        cap=32768,
+        min_length=args.min_length,
+        max_length=args.max_length,
+    )
     depths = args.depths if args.depths is not None else linspace_depths(args.n_depths)
     args.chat = uses_chat(model, args.chat)  # resolved here: the run's config records it
     trials = make_trials(

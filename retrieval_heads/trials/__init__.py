@@ -24,7 +24,7 @@ The package's modules, in the one direction data flows through them (``base`` un
 - :mod:`~retrieval_heads.trials.builder`: :func:`build_trial`, trial ids,
   :func:`check_trial_tokens`, :class:`BoundaryFallbackWarning`;
 - :mod:`~retrieval_heads.trials.grid`: :func:`make_grid`, :func:`linspace_lengths`,
-  :func:`linspace_depths`.
+  :func:`linspace_depths`, :func:`default_lengths` (the lengths fit to a model's context).
 
 None of them knows the embedded model's world: its trials are in
 :mod:`retrieval_heads.tiny.trials`, reached only through :func:`world_trials`.
@@ -45,7 +45,12 @@ from retrieval_heads.trials.builder import (
     build_trial,
     check_trial_tokens,
 )
-from retrieval_heads.trials.grid import linspace_depths, linspace_lengths, make_grid
+from retrieval_heads.trials.grid import (
+    default_lengths,
+    linspace_depths,
+    linspace_lengths,
+    make_grid,
+)
 from retrieval_heads.trials.haystacks import FILLER_PATH, Haystack
 from retrieval_heads.trials.needles import (
     NEEDLES_PATH,
@@ -75,6 +80,7 @@ __all__ = [
     "TrialError",
     "build_trial",
     "check_trial_tokens",
+    "default_lengths",
     "default_needles",
     "key_value_needles",
     "linspace_depths",

@@ -1,6 +1,7 @@
 """Grids of trials: every length x depth x needle, with distractors drawn once per needle.
 
-Owns :func:`make_grid` and the evenly spaced :func:`linspace_lengths` / :func:`linspace_depths`.
+Owns :func:`make_grid`, the evenly spaced :func:`linspace_lengths` / :func:`linspace_depths`, and
+:func:`default_lengths`, the lengths a grid gets when none are given (fit to the context).
 It builds each trial through :func:`~retrieval_heads.trials.builder.build_trial`, never itself,
 and knows no model or synthetic world (:func:`retrieval_heads.trials.make_trials` picks those).
 """
@@ -18,7 +19,7 @@ from retrieval_heads.trials.needles import Needle, NeedleSet
 from retrieval_heads.trials.template import PromptTemplate
 from retrieval_heads.trials.trial import Trial
 
-__all__ = ["linspace_depths", "linspace_lengths", "make_grid"]
+__all__ = ["default_lengths", "linspace_depths", "linspace_lengths", "make_grid"]
 
 
 def linspace_lengths(min_length: int, max_length: int, n: int) -> list[int]:
@@ -42,6 +43,36 @@ def linspace_depths(n: int) -> list[float]:
     if n == 1:
         return [0.0]
     return [100.0 * i / (n - 1) for i in range(n)]
+
+
+def default_lengths(
+    n_ctx: int,
+    n: int = 3,
+    *,
+    room: int | None = None,
+    shortest: int = 5,
+    floor: bool = False,
+    cap: int | None = None,
+    min_length: int | None = None,
+    max_length: int | None = None,
+) -> list[int]:
+    """The lengths of a grid for a model with ``n_ctx`` tokens of context, when none are given:
+    ``n`` of them, evenly spaced (:func:`linspace_lengths`) from the shortest to the longest.
+
+    - the longest: ``max_length``, else the context (at most ``cap`` tokens) less ``room``
+      tokens left for the answer; ``room=None``: 6 for a context of at most 512 tokens, else 24;
+    - the shortest: ``min_length``, else the longest divided by ``shortest``, rounded (or
+      floored, ``floor=True``), and at least 64.
+
+    The defaults are the experiment scripts' grid (tiny: 200, 600, 1000; tiny-short: 64, 157,
+    250); the command line asks for ``n=--n-lengths, room=32, shortest=8, floor=True,
+    cap=32768`` with its ``--min-length`` / ``--max-length``.
+    """
+    if room is None:
+        room = 6 if n_ctx <= 512 else 24
+    high = max_length or min(n_ctx, n_ctx if cap is None else cap) - room
+    low = min_length or max(64, high // shortest if floor else round(high / shortest))
+    return linspace_lengths(low, high, n)
 
 
 def make_grid(

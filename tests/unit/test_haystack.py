@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 from retrieval_heads.tiny.trials import tiny_haystack, tiny_needle_sets, tiny_needles, tiny_template
 from retrieval_heads.trials.base import TrialError
 from retrieval_heads.trials.builder import BoundaryFallbackWarning, build_trial
-from retrieval_heads.trials.grid import linspace_depths, linspace_lengths, make_grid
+from retrieval_heads.trials.grid import (
+    default_lengths,
+    linspace_depths,
+    linspace_lengths,
+    make_grid,
+)
 from retrieval_heads.trials.haystacks import Haystack
 from retrieval_heads.trials.needles import (
     Needle,
@@ -459,6 +464,21 @@ def test_linspace():
         linspace_lengths(10, 5, 3)
     with pytest.raises(TrialError):
         linspace_depths(0)
+
+
+def test_default_lengths():
+    # the experiment scripts' grid: 3 lengths, 6 or 24 tokens of room, the shortest ~1/5
+    assert default_lengths(1024) == [200, 600, 1000]  # tiny
+    assert default_lengths(256) == [64, 157, 250]  # tiny-short
+    assert default_lengths(8192) == [1634, 4901, 8168]
+    assert default_lengths(4096, max_length=1007) == [201, 604, 1007]  # 1007 / 5 rounds up
+    # the command line's: 32 tokens of room, at most 32768, the shortest an eighth, floored
+    cli = dict(room=32, shortest=8, floor=True, cap=32768)
+    assert default_lengths(1024, 5, **cli) == [124, 341, 558, 775, 992]
+    assert default_lengths(131072, 5, **cli) == [4092, 11253, 18414, 25575, 32736]
+    assert default_lengths(4096, 5, max_length=1007, **cli)[0] == 125  # 1007 / 8 floors
+    assert default_lengths(4096, 5, min_length=100, **cli) == [100, 1091, 2082, 3073, 4064]
+    assert default_lengths(256, 5, **cli) == [64, 104, 144, 184, 224]  # at least 64
 
 
 def test_make_grid(word_tok):
