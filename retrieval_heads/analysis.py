@@ -54,6 +54,7 @@ __all__ = [
     "summary_table",
     "KSweepRow",
     "k_sweep",
+    "k_sweep_cells",
     "format_k_sweep",
     "KVPoint",
     "kv_curve",
@@ -615,19 +616,23 @@ def k_sweep(records: Iterable[TrialRecord]) -> list[KSweepRow]:
     return rows
 
 
+def k_sweep_cells(row: KSweepRow) -> list[Any]:
+    """A K-sweep row's cells, as every K-sweep table shows them: K, selection, draws, trials,
+    then accuracy and recall as ``"mean ± std"`` over draws (3 decimals). Tables that group
+    rows (per task, per kind of question) put their own columns in front."""
+    return [
+        row.k,
+        row.selection,
+        row.n_draws,
+        row.n_trials,
+        f"{row.accuracy:.3f} ± {row.accuracy_std:.3f}",
+        f"{row.recall:.3f} ± {row.recall_std:.3f}",
+    ]
+
+
 def format_k_sweep(rows: Sequence[KSweepRow]) -> str:
     """The K-sweep as a fixed-width table: K, selection, draws, trials, accuracy, recall."""
-    body = [
-        [
-            r.k,
-            r.selection,
-            r.n_draws,
-            r.n_trials,
-            f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}",
-            f"{r.recall:.3f} ± {r.recall_std:.3f}",
-        ]
-        for r in rows
-    ]
+    body = [k_sweep_cells(r) for r in rows]
     return format_table(body, ["K", "selection", "draws", "trials", "accuracy", "recall"])
 
 

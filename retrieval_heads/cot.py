@@ -729,16 +729,7 @@ def format_summary(rows: Mapping[tuple[str, str], Sequence[Any]]) -> str:
     from retrieval_heads import analysis
 
     body = [
-        [
-            kind,
-            prompting,
-            r.k,
-            r.selection,
-            r.n_draws,
-            r.n_trials,
-            f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}",
-            f"{r.recall:.3f} ± {r.recall_std:.3f}",
-        ]
+        [kind, prompting, *analysis.k_sweep_cells(r)]
         for (kind, prompting), group in rows.items()
         for r in group
     ]

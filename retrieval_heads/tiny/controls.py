@@ -168,17 +168,7 @@ class ControlSweep:
 
     def table(self) -> str:
         body = [
-            [
-                task,
-                r.k,
-                r.selection,
-                r.n_draws,
-                r.n_trials,
-                f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}",
-                f"{r.recall:.3f} ± {r.recall_std:.3f}",
-            ]
-            for task, rows in self.rows.items()
-            for r in rows
+            [task, *analysis.k_sweep_cells(r)] for task, rows in self.rows.items() for r in rows
         ]
         headers = ["task", "K", "selection", "draws", "trials", "accuracy", "recall"]
         return analysis.format_table(body, headers)

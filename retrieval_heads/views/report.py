@@ -636,17 +636,7 @@ def _k_sweep_table(rows: Sequence[analysis.KSweepRow]) -> str:
         "k-sweep",
         "K-sweep: mean ± std over draws",
         ["K", "selection", "draws", "trials", "accuracy", "ROUGE recall"],
-        [
-            [
-                r.k,
-                r.selection,
-                r.n_draws,
-                r.n_trials,
-                f"{r.accuracy:.3f} ± {r.accuracy_std:.3f}",
-                f"{r.recall:.3f} ± {r.recall_std:.3f}",
-            ]
-            for r in rows
-        ],
+        [analysis.k_sweep_cells(r) for r in rows],
     )
 
 

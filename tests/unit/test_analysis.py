@@ -275,6 +275,24 @@ def test_k_sweep_by_hand():
     ]
 
 
+def test_k_sweep_cells_are_every_k_sweep_tables_row():
+    from retrieval_heads import cot
+    from retrieval_heads.tiny.controls import ControlSweep
+    from retrieval_heads.views import report
+
+    row = A.KSweepRow(5, "random", 3, 6, 0.5, 0.5, 0.5, 0.3)
+    cells = [5, "random", 3, 6, "0.500 ± 0.500", "0.500 ± 0.300"]
+    assert A.k_sweep_cells(row) == cells
+    line = "5  random         3       6  0.500 ± 0.500  0.500 ± 0.300"
+    assert A.format_k_sweep([row]).splitlines()[2] == line
+    assert ControlSweep([], {"niah": [row]}).table().splitlines()[2] == "niah  " + line
+    summary = cot.format_summary({("fact", "direct"): [row]})
+    # its header "answers" is one wider than "trials"
+    assert summary.splitlines()[2] == "fact  direct     " + line.replace("3       6", "3        6")
+    html = "".join(f"<td>{c}</td>" if c == "random" else f'<td class="num">{c}</td>' for c in cells)
+    assert f"<tr>{html}</tr>" in report._k_sweep_table([row])
+
+
 # ---------------------------------------------------------------------------------------------
 # the published reference files: figures that go into the docs
 
