@@ -7,7 +7,11 @@ fwd_hooks=...)`` accept, so an intervention plugs into any decode loop unchanged
 
 Ablation modes
 --------------
-Each mode acts on *query* heads (``hook_q``, ``hook_z``, ``hook_attn_scores`` and
+Each mode is a class (:class:`UniformAblation`, :class:`ZeroAblation`, :class:`MeanAblation`,
+:class:`ResampleAblation`, :class:`KnockoutAblation`; the mode's data is a constructor
+argument) implementing the :class:`~retrieval_heads.intervention.Intervention` protocol, so
+``detect(model, trials, intervention=UniformAblation(heads))`` runs it; ``Ablation(heads,
+mode, ...)`` and :func:`ablate` build the class from the mode's name. Each mode acts on *query* heads (``hook_q``, ``hook_z``, ``hook_attn_scores`` and
 ``hook_pattern`` are per query head, also under grouped-query attention; use :func:`kv_group`
 to ablate every query head that reads a kv head). Each mode installs one hook per layer (per
 hook point) that edits all the selected heads of that layer at once through an index tensor.
@@ -76,8 +80,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import InitVar, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -90,11 +94,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODES",
+    "MODE_CLASSES",
     "PHASES",
     "Ablation",
+    "KnockoutAblation",
+    "MeanAblation",
+    "Mode",
     "PatchedLogits",
+    "Phase",
     "RecordedZ",
+    "ResampleAblation",
+    "UniformAblation",
     "ZRecorder",
+    "ZeroAblation",
     "ablate",
     "kv_group",
     "mean_head_z",
@@ -105,6 +117,9 @@ __all__ = [
     "window_mask",
 ]
 
+Mode = Literal["uniform", "zero", "mean", "resample", "knockout"]
+Phase = Literal["decode", "all"]
+
 MODES: dict[str, str] = {
     "uniform": "zero the head's queries (hook_q): uniform attention over the visible keys",
     "zero": "zero the head's output z (hook_z)",
@@ -112,7 +127,7 @@ MODES: dict[str, str] = {
     "resample": "replace z by its z on another trial (needs resample=record_z(...))",
     "knockout": "block attention to chosen key positions (needs blocked_positions)",
 }
-PHASES = ("decode", "all")
+PHASES: tuple[Phase, ...] = ("decode", "all")
 
 HeadLabels = Iterable[Head | str | tuple[int, int]] | str
 Hooks = list[tuple[str, Callable[..., Any]]]
@@ -412,18 +427,41 @@ def check_uniform(model: HookedModel) -> None:
         )
 
 
-@dataclass
-class Ablation:
-    """Ablate ``heads`` with ``mode`` during ``phase`` (see the module docstring).
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(
+            f"unknown phase {phase!r}: use 'decode' (hooks on decode steps only, the "
+            "paper's choice) or 'all' (prefill and decode)"
+        )
+
+
+class _ByMode(type):
+    """``Ablation(heads, mode, ...)`` builds the mode's class; a mode class builds itself."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Ablation:
+            return _from_mode(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class Ablation(metaclass=_ByMode):
+    """Ablate ``heads`` during ``phase``: the base of the mode classes, and their factory.
+
+    ``Ablation(heads, mode, phase="decode", *, mean_z=, resample=, blocked_positions=,
+    model=)`` returns the mode's class (:class:`UniformAblation`, :class:`ZeroAblation`,
+    :class:`MeanAblation`, :class:`ResampleAblation`, :class:`KnockoutAblation`; ``mode`` is
+    one of :data:`MODES`), checking that exactly the mode's data is given: ``mean_z`` (mode
+    ``mean``), ``resample`` (mode ``resample``), ``blocked_positions`` (mode ``knockout``).
+    Or build the class directly, its data a constructor argument:
+    ``MeanAblation(heads, mean_z)``.
 
     ``heads``: ``Head``s or labels (``"3.5"``, ``"L3H5"``, a comma-separated string);
-    duplicates are dropped. ``mode``: one of :data:`MODES`. ``phase``: ``"decode"`` (hooks for
-    ``step`` only) or ``"all"``. ``mean_z`` (mode ``mean``), ``resample`` (mode
-    ``resample``) and ``blocked_positions`` (mode ``knockout``) carry the mode's data.
+    duplicates are dropped. ``phase``: ``"decode"`` (hooks for ``step`` only) or ``"all"``.
     Pass ``model=`` to range-check the heads and data against a model on construction (also
     done whenever hooks are built).
 
-    Use::
+    Every ablation is an :class:`~retrieval_heads.intervention.Intervention`:
+    ``detect(model, trials, intervention=UniformAblation(heads))``. By hand::
 
         abl = Ablation(heads, "uniform", model=model)
         state = model.prefill(ids, fwd_hooks=abl.prefill_hooks(model))
@@ -431,46 +469,128 @@ class Ablation:
         logits = model.step(state, token, fwd_hooks=hooks)
     """
 
-    heads: list[Head]
-    mode: str
-    phase: str = "decode"
+    mode: ClassVar[str] = ""
+    # The data of the other modes, None here (read by code written for one Ablation class).
     mean_z: Tensor | None = None
     resample: RecordedZ | None = None
-    blocked_positions: Sequence[int] | None = None
-    model: InitVar[HookedModel | None] = None
+    blocked_positions: tuple[int, ...] | None = None
 
-    def __post_init__(self, model: HookedModel | None) -> None:
-        if self.mode not in MODES:
-            listing = "; ".join(f"{m}: {d}" for m, d in MODES.items())
-            raise ValueError(f"unknown ablation mode {self.mode!r}; the modes are: {listing}")
-        if self.phase not in PHASES:
-            raise ValueError(
-                f"unknown phase {self.phase!r}: use 'decode' (hooks on decode steps only, the "
-                "paper's choice) or 'all' (prefill and decode)"
-            )
-        self.heads = _parse(self.heads)
-        for mode, name in _NEEDS.items():
-            given = getattr(self, name) is not None
-            if mode == self.mode and not given:
-                raise ValueError(f"mode {mode!r} needs {name}=: {_HINTS[name]}")
-            if mode != self.mode and given:
-                raise ValueError(f"{name}= is only used by mode {mode!r}, not {self.mode!r}")
-        if self.mode == "mean":
-            self._check_mean_z(None)
-        elif self.mode == "resample":
-            self._check_resample()
-        elif self.mode == "knockout":
-            assert self.blocked_positions is not None
-            positions = sorted({int(p) for p in self.blocked_positions})
-            if not positions:
-                raise ValueError("blocked_positions is empty: give the key positions to block")
-            if positions[0] < 0:
-                raise ValueError(f"blocked_positions must be >= 0, got {positions[0]}")
-            self.blocked_positions = tuple(positions)
+    def __init__(
+        self,
+        heads: HeadLabels,
+        *,
+        phase: Phase = "decode",
+        model: HookedModel | None = None,
+    ) -> None:
+        _check_phase(phase)
+        self.heads: list[Head] = _parse(heads)
+        self.phase: Phase = phase
+        self._validate()
         if model is not None:
             self.check(model)
 
-    # ---- validation ---------------------------------------------------------------------
+    def _validate(self) -> None:
+        """Check the mode's data on construction (no model needed)."""
+
+    def _check_model(self, model: HookedModel) -> None:
+        """Check the mode's data against ``model``."""
+
+    def _payload(self) -> dict[str, Any]:
+        """The mode's data, as recorded by :meth:`describe`."""
+        return {}
+
+    def _layer_hooks(
+        self, model: HookedModel, layer: int, heads: list[int], idx: _Index, phase: str
+    ) -> Hooks:
+        raise NotImplementedError
+
+    def check(self, model: HookedModel) -> Ablation:
+        """Range-check the heads (and the mode's data) against ``model``; return self."""
+        for h in self.heads:
+            h.check(model.n_layers, model.n_heads)
+        self._check_model(model)
+        return self
+
+    # ---- the intervention protocol ----------------------------------------------------------
+
+    def prefill_hooks(self, model: HookedModel, trial: Any = None) -> Hooks:
+        """Hooks for ``model.prefill`` (empty in the decode phase). ``trial`` is not used."""
+        self.check(model)
+        return self._hooks(model, "prefill") if self.phase == "all" else []
+
+    def decode_hooks(self, model: HookedModel, trial: Any = None) -> Hooks:
+        """Hooks for ``model.step``. Build them once per run: ``resample`` counts the steps."""
+        self.check(model)
+        return self._hooks(model, "decode")
+
+    def describe(self) -> dict[str, Any]:
+        """``{"intervention": "ablation", "mode", "phase", "heads"}`` and the mode's data
+        (its shape or positions, not the tensors)."""
+        return {
+            "intervention": "ablation",
+            "mode": self.mode,
+            "phase": self.phase,
+            "heads": [h.dotted for h in self.heads],
+            **self._payload(),
+        }
+
+    def _hooks(self, model: HookedModel, phase: str) -> Hooks:
+        hooks: Hooks = []
+        for layer, hs in _by_layer(self.heads).items():
+            hooks.extend(self._layer_hooks(model, layer, hs, _Index(hs), phase))
+        return hooks
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_labels(self.heads)!r}, phase={self.phase!r})"
+
+
+class UniformAblation(Ablation):
+    """Zero the heads' queries (``hook_q``): uniform attention over the visible keys (Wu et
+    al. 2024's ablation; refused on ALiBi models, where a zero query keeps the bias)."""
+
+    mode: ClassVar[str] = "uniform"
+
+    def _check_model(self, model: HookedModel) -> None:
+        if self.heads:
+            check_uniform(model)
+
+    def _layer_hooks(self, model, layer, heads, idx, phase) -> Hooks:
+        return [(model.hook_name(layer, "q"), _zero_heads_hook(idx))]
+
+
+class ZeroAblation(Ablation):
+    """Zero the heads' output ``z`` (``hook_z``): they write nothing to the residual stream."""
+
+    mode: ClassVar[str] = "zero"
+
+    def _layer_hooks(self, model, layer, heads, idx, phase) -> Hooks:
+        return [(model.hook_name(layer, "z"), _zero_heads_hook(idx))]
+
+
+class MeanAblation(Ablation):
+    """Replace the heads' ``z`` by ``mean_z[layer, head]`` (``[n_layers, n_heads, d_head]``,
+    e.g. :func:`mean_head_z` over a reference set)."""
+
+    mode: ClassVar[str] = "mean"
+
+    def __init__(
+        self,
+        heads: HeadLabels,
+        mean_z: Tensor | None = None,
+        *,
+        phase: Phase = "decode",
+        model: HookedModel | None = None,
+    ) -> None:
+        if mean_z is None:
+            raise ValueError(f"MeanAblation needs mean_z: {_HINTS['mean_z']}")
+        self.mean_z = mean_z
+        super().__init__(heads, phase=phase, model=model)
+
+    def _validate(self) -> None:
+        self._check_mean_z(None)
+
+    def _check_model(self, model: HookedModel) -> None:
+        self._check_mean_z(model)
 
     def _check_mean_z(self, model: HookedModel | None) -> None:
         mean_z = self.mean_z
@@ -496,7 +616,36 @@ class Ablation:
                     "(mean_head_z(..., heads=...))"
                 )
 
-    def _check_resample(self) -> None:
+    def _payload(self) -> dict[str, Any]:
+        assert self.mean_z is not None
+        return {"mean_z_shape": list(self.mean_z.shape)}
+
+    def _layer_hooks(self, model, layer, heads, idx, phase) -> Hooks:
+        assert self.mean_z is not None
+        return [(model.hook_name(layer, "z"), _mean_hook(idx, self.mean_z[layer, heads]))]
+
+
+class ResampleAblation(Ablation):
+    """Replace the heads' ``z`` by their ``z`` on another trial, ``resample`` (a
+    :class:`RecordedZ` from :func:`record_z`): step by step when decoding, position by
+    position in the prompt (phase ``"all"``, equal prompt lengths)."""
+
+    mode: ClassVar[str] = "resample"
+
+    def __init__(
+        self,
+        heads: HeadLabels,
+        resample: RecordedZ | None = None,
+        *,
+        phase: Phase = "decode",
+        model: HookedModel | None = None,
+    ) -> None:
+        if resample is None:
+            raise ValueError(f"ResampleAblation needs resample: {_HINTS['resample']}")
+        self.resample = resample
+        super().__init__(heads, phase=phase, model=model)
+
+    def _validate(self) -> None:
         rec = self.resample
         if not isinstance(rec, RecordedZ):
             raise ValueError(f"resample= must be a RecordedZ, got {type(rec).__name__}")
@@ -514,78 +663,115 @@ class Ablation:
                 "phase='all' replays the prompt too: record it with record_z(..., phase='all')"
             )
 
-    def check(self, model: HookedModel) -> Ablation:
-        """Range-check the heads (and the mode's data) against ``model``; return self."""
-        for h in self.heads:
-            h.check(model.n_layers, model.n_heads)
-        if self.mode == "uniform" and self.heads:
-            check_uniform(model)
-        if self.mode == "mean":
-            self._check_mean_z(model)
-        if self.mode == "resample":
-            assert self.resample is not None
-            for store in (self.resample.prefill, self.resample.decode):
-                for z in store.values():
-                    if z.shape[-1] != model.d_head:
-                        raise ValueError(
-                            f"the resample recording has d_head {z.shape[-1]}, the model "
-                            f"{model.d_head}: it was recorded on another model"
-                        )
-        return self
+    def _check_model(self, model: HookedModel) -> None:
+        assert self.resample is not None
+        for store in (self.resample.prefill, self.resample.decode):
+            for z in store.values():
+                if z.shape[-1] != model.d_head:
+                    raise ValueError(
+                        f"the resample recording has d_head {z.shape[-1]}, the model "
+                        f"{model.d_head}: it was recorded on another model"
+                    )
 
-    # ---- hooks --------------------------------------------------------------------------
+    def _payload(self) -> dict[str, Any]:
+        assert self.resample is not None
+        return {
+            "resample_steps": self.resample.n_steps,
+            "resample_prompt_length": self.resample.prompt_length,
+        }
 
-    def prefill_hooks(self, model: HookedModel) -> Hooks:
-        """Hooks for ``model.prefill`` (empty in the decode phase)."""
-        self.check(model)
-        return self._hooks(model, "prefill") if self.phase == "all" else []
+    def _layer_hooks(self, model, layer, heads, idx, phase) -> Hooks:
+        rec = self.resample
+        assert rec is not None
+        cols = [rec.columns(layer).index(h) for h in heads]
+        if phase == "prefill":
+            fn = _replay_prefill_hook(model, idx, rec.prefill[layer][:, :, cols])
+        else:
+            fn = _replay_decode_hook(model, idx, rec.decode[layer][:, :, cols])
+        return [(model.hook_name(layer, "z"), fn)]
 
-    def decode_hooks(self, model: HookedModel) -> Hooks:
-        """Hooks for ``model.step``. Build them once per run: ``resample`` counts the steps."""
-        self.check(model)
-        return self._hooks(model, "decode")
 
-    def _hooks(self, model: HookedModel, phase: str) -> Hooks:
-        hooks: Hooks = []
-        for layer, hs in _by_layer(self.heads).items():
-            idx = _Index(hs)
-            if self.mode == "uniform":
-                hooks.append((model.hook_name(layer, "q"), _zero_heads_hook(idx)))
-            elif self.mode == "zero":
-                hooks.append((model.hook_name(layer, "z"), _zero_heads_hook(idx)))
-            elif self.mode == "mean":
-                assert self.mean_z is not None
-                hooks.append((model.hook_name(layer, "z"), _mean_hook(idx, self.mean_z[layer, hs])))
-            elif self.mode == "resample":
-                assert self.resample is not None
-                cols = [self.resample.columns(layer).index(h) for h in hs]
-                if phase == "prefill":
-                    source = self.resample.prefill[layer][:, :, cols]
-                    fn = _replay_prefill_hook(model, idx, source)
-                else:
-                    fn = _replay_decode_hook(model, idx, self.resample.decode[layer][:, :, cols])
-                hooks.append((model.hook_name(layer, "z"), fn))
-            else:
-                assert self.blocked_positions is not None
-                blocked = torch.tensor(self.blocked_positions, dtype=torch.long)
-                hooks.append(
-                    (model.hook_name(layer, "attn_scores"), _knockout_hook(model, idx, blocked))
-                )
-                hooks.append((model.hook_name(layer, "pattern"), _empty_rows_hook(idx)))
-        return hooks
+class KnockoutAblation(Ablation):
+    """Block the heads' attention to ``blocked_positions`` (absolute key positions, e.g. the
+    needle span): ``-inf`` at ``hook_attn_scores``, the softmax renormalises over the rest."""
+
+    mode: ClassVar[str] = "knockout"
+
+    def __init__(
+        self,
+        heads: HeadLabels,
+        blocked_positions: Iterable[int] | None = None,
+        *,
+        phase: Phase = "decode",
+        model: HookedModel | None = None,
+    ) -> None:
+        if blocked_positions is None:
+            raise ValueError(
+                f"KnockoutAblation needs blocked_positions: {_HINTS['blocked_positions']}"
+            )
+        positions = sorted({int(p) for p in blocked_positions})
+        if not positions:
+            raise ValueError("blocked_positions is empty: give the key positions to block")
+        if positions[0] < 0:
+            raise ValueError(f"blocked_positions must be >= 0, got {positions[0]}")
+        self.blocked_positions = tuple(positions)
+        super().__init__(heads, phase=phase, model=model)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"blocked_positions": list(self.blocked_positions or ())}
+
+    def _layer_hooks(self, model, layer, heads, idx, phase) -> Hooks:
+        blocked = torch.tensor(self.blocked_positions, dtype=torch.long)
+        return [
+            (model.hook_name(layer, "attn_scores"), _knockout_hook(model, idx, blocked)),
+            (model.hook_name(layer, "pattern"), _empty_rows_hook(idx)),
+        ]
+
+
+#: The class of each mode.
+MODE_CLASSES: dict[str, type[Ablation]] = {
+    cls.mode: cls
+    for cls in (UniformAblation, ZeroAblation, MeanAblation, ResampleAblation, KnockoutAblation)
+}
+
+
+def _from_mode(
+    heads: HeadLabels,
+    mode: Mode | str,
+    phase: Phase | str = "decode",
+    mean_z: Tensor | None = None,
+    resample: RecordedZ | None = None,
+    blocked_positions: Iterable[int] | None = None,
+    model: HookedModel | None = None,
+) -> Ablation:
+    """``Ablation(heads, mode, ...)``: check the mode's name and data, build its class."""
+    if mode not in MODES:
+        listing = "; ".join(f"{m}: {d}" for m, d in MODES.items())
+        raise ValueError(f"unknown ablation mode {mode!r}; the modes are: {listing}")
+    _check_phase(phase)
+    data = {"mean_z": mean_z, "resample": resample, "blocked_positions": blocked_positions}
+    for needs_it, name in _NEEDS.items():
+        given = data[name] is not None
+        if needs_it == mode and not given:
+            raise ValueError(f"mode {needs_it!r} needs {name}=: {_HINTS[name]}")
+        if needs_it != mode and given:
+            raise ValueError(f"{name}= is only used by mode {needs_it!r}, not {mode!r}")
+    cls = MODE_CLASSES[mode]
+    args = (data[_NEEDS[mode]],) if mode in _NEEDS else ()
+    return cls(heads, *args, phase=phase, model=model)  # type: ignore[arg-type]
 
 
 def ablate(
     model: HookedModel,
     heads: HeadLabels,
-    mode: str = "uniform",
+    mode: Mode = "uniform",
     *,
-    phase: str = "decode",
+    phase: Phase = "decode",
     mean_z: Tensor | None = None,
     resample: RecordedZ | None = None,
     blocked_positions: Sequence[int] | None = None,
 ) -> Ablation:
-    """An :class:`Ablation` checked against ``model``: ``ablate(model, "14.7,16.19")``."""
+    """The ablation of ``mode`` checked against ``model``: ``ablate(model, "14.7,16.19")``."""
     return Ablation(
         _parse(heads),
         mode,

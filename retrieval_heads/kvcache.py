@@ -145,11 +145,30 @@ class KVPolicy:
         )
         return kept / (n_kv_heads * sum(own))
 
-    def hooks(self, model: HookedModel) -> tuple[list, list]:
-        """``(prefill_hooks, decode_hooks)`` for the scorer (prefill ones only in phase all)."""
+    # ---- the intervention protocol (retrieval_heads.intervention.Intervention) ----------------
+
+    def decode_hooks(self, model: HookedModel, trial: Trial | None = None) -> list:
+        """The windowed heads' ``hook_attn_scores`` hooks (``trial`` is not used)."""
         heads = self.windowed_query_heads(model)
-        decode = window_hooks(model, heads, self.sink, self.window) if heads else []
-        return (list(decode) if self.phase == "all" else []), decode
+        return window_hooks(model, heads, self.sink, self.window) if heads else []
+
+    def prefill_hooks(self, model: HookedModel, trial: Trial | None = None) -> list:
+        """The same hooks in phase ``"all"``; none in phase ``"decode"`` (the fast prefill)."""
+        return self.decode_hooks(model, trial) if self.phase == "all" else []
+
+    def describe(self) -> dict[str, Any]:
+        """``{"intervention": "kv_window", "full_kv_heads", "sink", "window", "phase"}``."""
+        return {
+            "intervention": "kv_window",
+            "full_kv_heads": [f"{layer}.{kv}" for layer, kv in sorted(self.full_kv_heads)],
+            "sink": self.sink,
+            "window": self.window,
+            "phase": self.phase,
+        }
+
+    def hooks(self, model: HookedModel) -> tuple[list, list]:
+        """``(prefill_hooks, decode_hooks)`` (prefill ones only in phase all)."""
+        return self.prefill_hooks(model), self.decode_hooks(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,8 +419,7 @@ def _run_trial(
     model: HookedModel, trial: Trial, condition: KVCondition, config: DecodeConfig
 ) -> TrialRecord:
     policy = condition.policy
-    hooks = None if policy is None else (lambda _trial: policy.hooks(model))
-    record = score_trial(model, trial, config, hooks)
+    record = score_trial(model, trial, config, intervention=policy)
     length = len(trial.input_ids)
     share = (
         1.0

@@ -21,8 +21,12 @@ Scorers, all from the same pass (each ``[layer, head]`` per trial, per query hea
   the answer span, averaged over steps;
 - ``attention_mass`` — per step, the attention mass on the answer span, averaged over steps.
 
-Interventions plug in through ``hooks``: a function of the trial that returns
-``(prefill_hooks, decode_hooks)``; this module never imports them.
+Interventions plug in through ``intervention``: any object with ``prefill_hooks(model,
+trial)``, ``decode_hooks(model, trial)`` and ``describe()`` (the protocol of
+:mod:`retrieval_heads.intervention`: the ablation modes, the KV-window policy, or hand-written
+hooks in a ``UserIntervention``); this module never imports their implementations. The older
+``hooks`` argument, a function of the trial returning ``(prefill_hooks, decode_hooks)``, still
+works.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from retrieval_heads.grading import classify_failure, grade
+from retrieval_heads.intervention import Intervention, check_intervention
 from retrieval_heads.model import ContextLengthError, HookedModel, RowSink
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scores import HeadScores
@@ -238,8 +243,16 @@ def score_trial(
     hooks: HooksFor | None = None,
     *,
     lean: bool | None = None,
+    intervention: Intervention | None = None,
 ) -> TrialRecord:
     """Greedily answer one trial and score every head on it (see the module docstring).
+
+    ``intervention`` (an :class:`~retrieval_heads.intervention.Intervention`) changes the run:
+    its ``prefill_hooks(model, trial)`` and ``decode_hooks(model, trial)`` are built for this
+    trial. The record is the same as without one apart from what the hooks change (what the
+    intervention was is recorded by :func:`detect`, in the run's config). ``hooks`` (a
+    function ``trial -> (prefill_hooks, decode_hooks)``) is the older form of the same thing,
+    kept for existing code; give one of the two, not both.
 
     ``lean`` chooses how decode steps yield attention rows: ``None`` (default) the lean step
     (``HookedModel.step_rows``) when no decode hook asks for the bridge and the model can
@@ -251,8 +264,7 @@ def score_trial(
     check_trial_tokens(trial, model.tokenizer, model.d_vocab, model.name)
     began = time.perf_counter()
     ids = torch.tensor(trial.input_ids, dtype=torch.long, device=model.device)  # [pos]
-    prefill_hooks, decode_hooks = hooks(trial) if hooks else ([], [])
-    decode_hooks = list(decode_hooks)
+    prefill_hooks, decode_hooks = _trial_hooks(model, trial, hooks, intervention)
     stats = _StepStats(model.n_layers, model.n_heads, trial.answer_span, len(ids) - 1)
     if lean is None:
         lean = not decode_hooks and model.lean_decode
@@ -320,6 +332,34 @@ def score_trial(
     )
 
 
+def _check_one_way(hooks: HooksFor | None, intervention: Intervention | None) -> None:
+    if hooks is not None and intervention is not None:
+        raise ValueError(
+            "give hooks= or intervention=, not both: intervention= replaces hooks= (wrap "
+            "extra hooks in a UserIntervention and combine them with compose(...))"
+        )
+    if intervention is not None:
+        check_intervention(intervention)
+
+
+def _trial_hooks(
+    model: HookedModel,
+    trial: Trial,
+    hooks: HooksFor | None,
+    intervention: Intervention | None,
+) -> tuple[HookPairs, HookPairs]:
+    """``(prefill_hooks, decode_hooks)`` for ``trial``, from ``hooks`` or ``intervention``."""
+    _check_one_way(hooks, intervention)
+    if intervention is not None:
+        prefill = intervention.prefill_hooks(model, trial)
+        decode = intervention.decode_hooks(model, trial)
+    elif hooks is not None:
+        prefill, decode = hooks(trial)
+    else:
+        prefill, decode = [], []
+    return list(prefill), list(decode)
+
+
 def _scores(
     stats: _StepStats,
     generated: list[int],
@@ -351,12 +391,17 @@ def iter_detect(
     config: DecodeConfig | None = None,
     hooks: HooksFor | None = None,
     skip: Iterable[str] = (),
+    *,
+    intervention: Intervention | None = None,
 ) -> Iterator[TrialRecord]:
-    """Score trials one by one (for notebooks and progress bars); ``skip`` lists done trial ids."""
+    """Score trials one by one (for notebooks and progress bars); ``skip`` lists done trial ids.
+
+    ``intervention`` / ``hooks``: as in :func:`score_trial`."""
+    _check_one_way(hooks, intervention)
     done = set(skip)
     for trial in trials:
         if trial.trial_id not in done:
-            yield score_trial(model, trial, config, hooks)
+            yield score_trial(model, trial, config, hooks, intervention=intervention)
 
 
 def detect(
@@ -366,6 +411,7 @@ def detect(
     out: str | Path | None = None,
     config: DecodeConfig | None = None,
     hooks: HooksFor | None = None,
+    intervention: Intervention | None = None,
     model_name: str | None = None,
     run_config: dict | None = None,
     seed: int = 0,
@@ -384,10 +430,21 @@ def detect(
     scored, into ``out/shards/<i>-of-<N>/`` (see :mod:`retrieval_heads.sharding`); the return
     value is that share's scores (``None`` if it owns no trial), and no passing trial in the
     share is not an error: :func:`~retrieval_heads.sharding.merge` judges the whole run.
+
+    ``intervention``: an :class:`~retrieval_heads.intervention.Intervention` run on every
+    trial (an ablation such as ``UniformAblation(heads)``, a
+    :class:`~retrieval_heads.kvcache.KVPolicy`, hand-written hooks in a
+    :class:`~retrieval_heads.intervention.UserIntervention`); its ``describe()`` is recorded
+    in the run's config as ``"intervention"`` (so a rerun with another intervention into the
+    same ``out`` is refused). ``hooks`` (deprecated: use ``intervention``) is a function
+    ``trial -> (prefill_hooks, decode_hooks)``; it leaves no trace in the config. Not both.
     """
+    _check_one_way(hooks, intervention)
     config = config or DecodeConfig()
     run_config = dict(run_config or {})
     run_config.setdefault("decode", config.__dict__ | {"stop_strings": list(config.stop_strings)})
+    if intervention is not None:
+        run_config.setdefault("intervention", intervention.describe())
     name = model_name or getattr(model, "name", None) or type(model.hf_model).__name__
     check_lengths(model, trials)  # before a results directory is made for a run that cannot run
     describe = getattr(model, "describe", None)
@@ -402,19 +459,35 @@ def detect(
             path, model=name, config=run_config, kind=kind, seed=seed, extra_meta=extra
         ) as run:
             done = run.done_ids()
-            for record in iter_detect(model, _progress(share, progress, done), config, hooks, done):
+            for record in iter_detect(
+                model,
+                _progress(share, progress, done),
+                config,
+                hooks,
+                done,
+                intervention=intervention,
+            ):
                 run.append(record)
             run.finalize()
             records = run.records()
         return HeadScores.from_records(records) if records else None
     if out is None:
-        records = list(iter_detect(model, _progress(trials, progress), config, hooks))
+        records = list(
+            iter_detect(
+                model, _progress(trials, progress), config, hooks, intervention=intervention
+            )
+        )
     else:
         with ResultsDir(
             out, model=name, config=run_config, kind=kind, seed=seed, extra_meta=info
         ) as run:
             for record in iter_detect(
-                model, _progress(trials, progress, run.done_ids()), config, hooks, run.done_ids()
+                model,
+                _progress(trials, progress, run.done_ids()),
+                config,
+                hooks,
+                run.done_ids(),
+                intervention=intervention,
             ):
                 run.append(record)
             records = run.records()

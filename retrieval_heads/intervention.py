@@ -1,0 +1,147 @@
+"""The intervention protocol: what the scorer asks of anything that changes a forward pass.
+
+An intervention is any object with three methods (no base class to inherit)::
+
+    prefill_hooks(model, trial) -> [(hook_name, fn), ...]   # for model.prefill
+    decode_hooks(model, trial)  -> [(hook_name, fn), ...]   # for model.step, built once per run
+    describe() -> dict                                       # JSON-able: what is recorded
+
+:func:`~retrieval_heads.scoring.detect` and :func:`~retrieval_heads.scoring.score_trial` take
+one as ``intervention=``: they build its hooks for every trial (``trial`` may be ignored) and
+``detect`` records ``describe()`` in the results' config under ``"intervention"``.
+
+Implementations in the package: the ablation modes of :mod:`retrieval_heads.interventions`
+(:class:`~retrieval_heads.interventions.UniformAblation`, ``ZeroAblation``, ``MeanAblation``,
+``ResampleAblation``, ``KnockoutAblation``, all made by ``Ablation(heads, mode=...)`` too) and
+the KV-window policy :class:`~retrieval_heads.kvcache.KVPolicy`. :class:`UserIntervention`
+wraps hand-written hooks, and :func:`compose` runs several interventions together.
+
+Decode hooks keep the scorer on the TransformerLens bridge (the lean decode step runs no
+hooks); an intervention whose ``decode_hooks`` is empty leaves the lean step on.
+
+This module imports neither torch nor the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from retrieval_heads.model import HookedModel
+    from retrieval_heads.trials.trial import Trial
+
+__all__ = ["HookList", "Intervention", "UserIntervention", "compose"]
+
+HookList = list[tuple[str, Callable[..., Any]]]
+#: Static hooks, or a function ``(model, trial) -> hooks`` building them for each trial.
+HookSource = Sequence[tuple[str, Callable[..., Any]]] | Callable[[Any, Any], Sequence]
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    """Anything that gives hooks per trial and says what it is (see the module docstring)."""
+
+    def prefill_hooks(self, model: HookedModel, trial: Trial | None = None) -> HookList:
+        """Hooks for ``model.prefill`` on ``trial`` (``[]``: the fast prefill runs)."""
+        ...
+
+    def decode_hooks(self, model: HookedModel, trial: Trial | None = None) -> HookList:
+        """Hooks for ``model.step`` on ``trial``; built once per run (they may count steps)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What this intervention is, as a JSON-able dict (recorded with the results)."""
+        ...
+
+
+def _build(source: HookSource, model: Any, trial: Any) -> HookList:
+    hooks = source(model, trial) if callable(source) else source
+    return list(hooks)
+
+
+class UserIntervention:
+    """Hand-written hooks as an :class:`Intervention`.
+
+    ``prefill`` and ``decode`` are lists of ``(hook_name, fn)`` pairs, used on every trial
+    as they are, or functions ``(model, trial) -> list`` that build them per trial (do that
+    for stateful hooks, which must start afresh on each run). ``description`` is what
+    ``describe()`` returns besides ``{"intervention": "user"}`` (JSON-able; say what the
+    hooks do, since the results cannot record functions)::
+
+        fired = UserIntervention(decode=[(model.hook_name(0, "z"), my_hook)],
+                                 description={"what": "log layer 0's z"})
+        detect(model, trials, intervention=fired)
+    """
+
+    def __init__(
+        self,
+        decode: HookSource = (),
+        prefill: HookSource = (),
+        *,
+        description: dict[str, Any] | None = None,
+    ) -> None:
+        for name, source in (("decode", decode), ("prefill", prefill)):
+            if not callable(source) and not isinstance(source, Sequence):
+                raise TypeError(
+                    f"{name}= must be a list of (hook_name, fn) pairs or a function "
+                    f"(model, trial) -> list, got {type(source).__name__}"
+                )
+        self.decode = decode
+        self.prefill = prefill
+        self.description = dict(description or {})
+
+    def prefill_hooks(self, model: HookedModel, trial: Trial | None = None) -> HookList:
+        return _build(self.prefill, model, trial)
+
+    def decode_hooks(self, model: HookedModel, trial: Trial | None = None) -> HookList:
+        return _build(self.decode, model, trial)
+
+    def describe(self) -> dict[str, Any]:
+        return {"intervention": "user", **self.description}
+
+    def __repr__(self) -> str:
+        return f"UserIntervention({self.description!r})"
+
+
+class Composed:
+    """Several interventions at once (see :func:`compose`)."""
+
+    def __init__(self, parts: Sequence[Intervention]) -> None:
+        self.parts = list(parts)
+
+    def prefill_hooks(self, model: HookedModel, trial: Trial | None = None) -> HookList:
+        return [pair for part in self.parts for pair in part.prefill_hooks(model, trial)]
+
+    def decode_hooks(self, model: HookedModel, trial: Trial | None = None) -> HookList:
+        return [pair for part in self.parts for pair in part.decode_hooks(model, trial)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"intervention": "compose", "parts": [part.describe() for part in self.parts]}
+
+    def __repr__(self) -> str:
+        return f"compose({', '.join(map(repr, self.parts))})"
+
+
+def compose(*interventions: Intervention) -> Composed:
+    """One intervention running ``interventions`` together, their hooks in the order given
+    (hooks on the same point run in that order: a later one sees the earlier one's output)."""
+    check_intervention(*interventions)
+    return Composed(interventions)
+
+
+def check_intervention(*interventions: Any) -> None:
+    """Raise ``TypeError`` naming what is missing for an object that is not an
+    :class:`Intervention`."""
+    for obj in interventions:
+        if not isinstance(obj, Intervention):
+            missing = [
+                m
+                for m in ("prefill_hooks", "decode_hooks", "describe")
+                if not callable(getattr(obj, m, None))
+            ]
+            raise TypeError(
+                f"{type(obj).__name__} is not an intervention: it lacks {', '.join(missing)} "
+                "(an intervention has prefill_hooks(model, trial), decode_hooks(model, trial) "
+                "and describe(); wrap plain hooks in UserIntervention)"
+            )
