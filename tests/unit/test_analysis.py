@@ -278,7 +278,7 @@ def test_k_sweep_by_hand():
 def test_k_sweep_cells_are_every_k_sweep_tables_row():
     from retrieval_heads import cot
     from retrieval_heads.tiny.controls import ControlSweep
-    from retrieval_heads.views import report
+    from retrieval_heads.views._report_ablate import _k_sweep_table
 
     row = A.KSweepRow(5, "random", 3, 6, 0.5, 0.5, 0.5, 0.3)
     cells = [5, "random", 3, 6, "0.500 ± 0.500", "0.500 ± 0.300"]
@@ -290,7 +290,7 @@ def test_k_sweep_cells_are_every_k_sweep_tables_row():
     # its header "answers" is one wider than "trials"
     assert summary.splitlines()[2] == "fact  direct     " + line.replace("3       6", "3        6")
     html = "".join(f"<td>{c}</td>" if c == "random" else f'<td class="num">{c}</td>' for c in cells)
-    assert f"<tr>{html}</tr>" in report._k_sweep_table([row])
+    assert f"<tr>{html}</tr>" in _k_sweep_table([row])
 
 
 # ---------------------------------------------------------------------------------------------
