@@ -75,10 +75,11 @@ docs: setup
 lint: setup
 	$(PY) -m ruff check retrieval_heads tests experiments benchmarks
 	$(PY) -m ruff format --check retrieval_heads tests experiments benchmarks
+	$(PY) -m mypy retrieval_heads
 
 # The HTML report's browser test needs Chromium (Debian's package).
 setup-browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out demo-out-* bench-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache demo-out demo-out-* bench-out

@@ -156,7 +156,7 @@ def resample_sources(trials: Sequence[Trial], phase: str = "decode") -> dict[str
             order = [t for t in order if len(t.input_ids) == len(trial.input_ids)]
         other_needle = [t for t in order if _needle_key(t) != _needle_key(trial)]
         other_hay = [t for t in other_needle if _haystack_key(t) != _haystack_key(trial)]
-        pick = (other_hay or other_needle or [None])[0]
+        pick = next(iter(other_hay or other_needle), None)
         if pick is None:
             raise ValueError(
                 f"trial {trial.trial_id}: no other trial with another needle"
@@ -251,17 +251,17 @@ def ablation_hooks(
             if not trial.targets:
                 raise ValueError(f"trial {trial.trial_id} has no needle to knock out")
             blocked = sorted({p for t in trial.targets for p in range(*t.span)})
-            return Ablation(selected, mode, phase, blocked_positions=blocked, model=model)
+            return Ablation(selected, mode, phase, blocked_positions=blocked, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
         if mode == "mean":
-            return Ablation(selected, mode, phase, mean_z=mean_z, model=model)
+            return Ablation(selected, mode, phase, mean_z=mean_z, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
         if mode == "resample":
             if trial.trial_id not in sources:
                 raise ValueError(f"trial {trial.trial_id} is not among the trials given")
             source = sources[trial.trial_id]
             n_steps = max(_budget(trial, model, config), _budget(source, model, config))
             recorded = recordings.get(source, phase, n_steps)
-            return Ablation(selected, mode, phase, resample=recorded, model=model)
-        return Ablation(selected, mode, phase, model=model)
+            return Ablation(selected, mode, phase, resample=recorded, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
+        return Ablation(selected, mode, phase, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
 
     def hooks(trial: Trial):
         ablation = build(trial)

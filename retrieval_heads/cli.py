@@ -698,7 +698,7 @@ def cmd_models(args) -> int:
     for name in registry.names():
         entry = registry.lookup(name)
         print(f"{name:22} {registry.state(name)}")
-        print(f"{'':22} {entry.description}")
+        print(f"{'':22} {entry.description}")  # type: ignore[union-attr]  # a registered name
     from retrieval_heads.model import supported_architectures
 
     print("\nAlso: an HF-format folder, a .gguf file (converted once, cached), or a hub id.")

@@ -680,7 +680,7 @@ def run(
         for condition in conditions:
             hooks: tuple[list, list] = ([], [])
             if condition.heads:
-                ablation = ablate(model, list(condition.heads), mode, phase=phase)
+                ablation = ablate(model, list(condition.heads), mode, phase=phase)  # type: ignore[arg-type]  # checked by ablate
                 hooks = (ablation.prefill_hooks(model), ablation.decode_hooks(model))
             for q in questions:
                 for p in ways[q.id]:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 #: The grids of each stage: the embedded model's (unchanged since the first demo), and one sized
 #: for a real model on a CPU (about 2 minutes of detection for Gemma-3-270M on one core).
-PLANS = {
+PLANS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         lengths=[150, 400, 700, 990],
         depths=[0, 25, 50, 75, 100],
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         run_config={"grid": "demo", **grid},
         seed=args.seed,
     )
+    assert scores is not None  # not sharded: detect returns the scores
 
     sweep_trials = make_trials(
         model, lengths=plan["sweep_lengths"], n_needles=plan["sweep_needles"], **grid

@@ -26,7 +26,7 @@ def _index(value: object, label: object) -> int:
         return int(value)
     if not isinstance(value, (str, bool, float)):
         try:
-            number = operator.index(value)  # int, numpy integers
+            number = operator.index(value)  # type: ignore[arg-type]  # int, numpy integers; else TypeError
         except TypeError:
             pass
         else:

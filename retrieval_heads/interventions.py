@@ -772,7 +772,7 @@ def ablate(
     blocked_positions: Sequence[int] | None = None,
 ) -> Ablation:
     """The ablation of ``mode`` checked against ``model``: ``ablate(model, "14.7,16.19")``."""
-    return Ablation(
+    return _from_mode(
         _parse(heads),
         mode,
         phase,
@@ -828,7 +828,7 @@ def _replay_prefill_hook(model: HookedModel, idx: _Index, source: Tensor):
 
 
 def _replay_decode_hook(model: HookedModel, idx: _Index, source: Tensor):
-    clock = {"position": None, "step": -1}
+    clock: dict[str, Any] = {"position": None, "step": -1}
 
     def hook(z: Tensor, hook: Any) -> Tensor:
         if z.shape[1] != 1:

@@ -527,6 +527,7 @@ def export_chosen(
     chosen = analysis.smallest_sufficient_k(curve, tolerance)
     baseline = next(p.accuracy for p in curve if p.selection == "none")
     n_heads = records[0].n_heads
+    assert chosen.sink is not None and chosen.window is not None  # a top-K point
     paths = export_heads(
         out,
         top_kv_heads(kv_scores, chosen.k),

@@ -53,7 +53,7 @@ def import_published(
         path = Path(source)
         where = f"published score file {path}"
         data = _read_json(path, "published score file")
-        label_source = str(path)
+        label_source: str | None = str(path)
     else:
         where = f"published scores {name or '<dict>'}"
         data = source

@@ -270,6 +270,7 @@ def score_trial(
         lean = not decode_hooks and model.lean_decode
     elif lean and decode_hooks:
         raise ValueError("lean=True runs no decode hooks: they need the bridge (lean=False)")
+    row_sink: RowSink | None
     if lean:
         pattern_hooks: HookPairs = []
 

@@ -24,7 +24,7 @@ It never runs a model and never imports torch: scores in (a
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,7 +285,9 @@ def plan_conditions(
             out.append(Condition(0, "none", 0, ()))
             continue
         out.append(Condition(k, "top", 0, tuple(sorted(top_heads(table, k)))))
-        kinds = [("random", _draw_random)] if include_random else []
+        kinds: list[tuple[str, Callable[..., tuple[list[Head], str | None]]]] = (
+            [("random", _draw_random)] if include_random else []
+        )
         if include_matched:
             kinds.append(("matched_layer", _draw_matched))
         for selection, drawer in kinds:

@@ -526,7 +526,7 @@ class HookedModel:
         _register_rows_attention()
         # Only the twin's own (deep-copied) config switches, and only for this step: prefill
         # stays SDPA, and the bridge's model never sees the lean attention.
-        config = self._fast.config
+        config: Any = self._fast.config
         before = config._attn_implementation
         sink_token = _ROW_SINK.set(sink)
         config._attn_implementation = _ROWS_ATTENTION

@@ -406,9 +406,10 @@ def load_model(
 
     source: str | Path = os.fspath(name_or_path)
     name, world = str(source), None
-    if isinstance(source, str) and registry.lookup(source) is not None:
-        world = registry.lookup(source).world
-        source = registry.resolve(source)
+    entry = registry.lookup(source) if isinstance(source, str) else None
+    if entry is not None:
+        world = entry.world
+        source = registry.resolve(name)
     elif gguf.is_gguf(source):
         source = gguf.convert(source)  # cached after the first call
 

@@ -59,12 +59,12 @@ def _build_sdpa_twin(hf_model: torch.nn.Module) -> tuple[torch.nn.Module, list[t
             continue
         originals.setdefault(_normalise(name), module)
 
-    config = copy.deepcopy(hf_model.config)
+    config: Any = copy.deepcopy(hf_model.config)
     config.output_attentions = False
     dtype = next(hf_model.parameters()).dtype
     try:
         with torch.device("meta"):
-            twin = type(hf_model)._from_config(config, attn_implementation="sdpa", dtype=dtype)
+            twin = type(hf_model)._from_config(config, attn_implementation="sdpa", dtype=dtype)  # type: ignore[attr-defined]  # a PreTrainedModel
     except Exception as exc:  # architectures without an SDPA kernel, exotic constructors
         raise _FastPathUnavailable(f"cannot build an SDPA twin: {exc}") from exc
 
@@ -172,7 +172,7 @@ def _rows_attention(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs, value)  # [batch, kv_head, group, d_v]
     rows = probs.reshape(batch, n_heads, n_keys)  # query head h = kv_head * group + g
-    sink(module.layer_idx, rows)
+    sink(module.layer_idx, rows)  # type: ignore[arg-type]  # an int set by transformers
     return out.reshape(batch, 1, n_heads, -1), rows[:, :, None]
 
 

@@ -236,7 +236,7 @@ def control_sweep(
     )
     if mode in ("knockout", "resample") and any(_task(t) == "fact" for t in trials):
         raise ValueError(f"mode {mode!r} needs a needle in every trial; facts have none")
-    mean_z, extra = (None, {})
+    mean_z, extra = (None, {})  # type: ignore[var-annotated]
     if mode == "mean":
         mean_z, extra = _mean_reference(model, trials, None, 8)
     run_config = {

@@ -77,7 +77,7 @@ class Recipe:
 def model_config(recipe: Recipe, n_ctx: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    return LlamaConfig(  # type: ignore[call-arg]  # rope_theta: a config kwarg the stubs omit
         vocab_size=len(world.VOCAB),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
@@ -207,7 +207,7 @@ def run_phase(model, phase: Phase, recipe: Recipe, device, workers: int, out: Pa
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay}],
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay}],  # type: ignore[arg-type]
         lr=phase.lr,
         betas=(0.9, 0.95),
         fused=device.type == "cuda",
@@ -295,10 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}, workers {args.workers}, recipe {json.dumps(asdict(recipe))}")
 
     if args.skip_short:
-        model = LlamaForCausalLM.from_pretrained(args.out / "short").to(device)
+        model = LlamaForCausalLM.from_pretrained(args.out / "short").to(device)  # type: ignore[arg-type]
     else:
         config = model_config(recipe, max(recipe.short.lengths))
-        model = LlamaForCausalLM(config).to(device)
+        model = LlamaForCausalLM(config).to(device)  # type: ignore[arg-type]
         print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
         run_phase(model, recipe.short, recipe, device, args.workers, args.out / "short", tokenizer)
     if recipe.long.steps > 0:

@@ -148,7 +148,7 @@ def make_needle(
 def make_distractors(rng: random.Random, target: dict, n: int, split: str = "test") -> list[dict]:
     """``n`` needles of the target's template with other keys and values (RULER-style)."""
     taken = {tuple(target["key"])}
-    out = []
+    out: list[dict] = []
     candidates = keys_for(split) if split != "train" else TRAIN_KEYS
     while len(out) < n:
         key = rng.choice(candidates)

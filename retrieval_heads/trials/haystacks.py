@@ -135,9 +135,9 @@ class Haystack:
         if callable(source) and not isinstance(source, Iterator):
             factory = source
         else:
-            factory = _Replay(iter(source))  # type: ignore[arg-type]
+            factory = _Replay(iter(source))
         label = name or f"generator:{getattr(source, '__qualname__', type(source).__name__)}"
-        return cls(factory, name=label, sep=sep)  # type: ignore[arg-type]
+        return cls(factory, name=label, sep=sep)
 
     @classmethod
     def filler(cls) -> Haystack:

@@ -118,6 +118,6 @@ class Trial:
             context_length=int(data["context_length"]),
             depth_percent=float(data["depth_percent"]),
             params=dict(data["params"]),
-            context_span=tuple(data.get("context_span", (0, 0))),  # type: ignore[arg-type]
+            context_span=tuple(data.get("context_span", (0, 0))),
             boundary=data.get("boundary", "sentence"),
         )

@@ -33,7 +33,7 @@ _CLASS_COLORS = {
 ANSWER_CLASS_KEYS = ("answer_class", "failure_class", "failure", "outcome", "hallucination")
 """``TrialRecord.params`` keys that may hold an answer class (the first present is used)."""
 
-_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=30, t=70, b=55))
+_LAYOUT: dict[str, Any] = dict(template="plotly_white", margin=dict(l=60, r=30, t=70, b=55))
 
 
 def _title(text: str, subtitle: str | None = None) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def _ablation_task(page: _Page, records: list[TrialRecord], name: str) -> str:
         for metric, label in (("accuracy", "accuracy"), ("recall", "ROUGE recall")):
             parts.append(
                 page.figure(
-                    lambda metric=metric, label=label: figures.niah_heatmap(
+                    lambda metric=metric, label=label: figures.niah_heatmap(  # type: ignore[misc]  # mypy cannot infer lambdas with default arguments
                         panels, metric=metric, title=f"Needle in a haystack ({label}): {name}"
                     ),
                     f"NIAH {metric} baseline vs ablated",

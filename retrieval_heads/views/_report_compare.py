@@ -79,7 +79,7 @@ def _comparison_section(page: _Page, sets: Sequence[ResultSet], max_pairs: int =
         names = (f"#{a.index} {a.model}", f"#{b.index} {b.model}")
         parts.append(
             page.figure(
-                lambda a=a, b=b, names=names: figures.model_scatter(
+                lambda a=a, b=b, names=names: figures.model_scatter(  # type: ignore[misc]  # mypy cannot infer lambdas with default arguments
                     a.scores, b.scores, names=names
                 ),
                 "model scatter",

@@ -146,7 +146,7 @@ def _detection_section(
         for other in others:
             parts.append(
                 page.figure(
-                    lambda other=other: figures.score_vs_effect(
+                    lambda other=other: figures.score_vs_effect(  # type: ignore[misc]  # mypy cannot infer lambdas with default arguments
                         s,
                         HeadScores.from_records(records, other, n_resamples=1).mean,
                         effect_label=f"{other} score",

@@ -68,7 +68,7 @@ def _kv(rows: Sequence[tuple[str, str]]) -> str:
 
 def _header(rs: ResultSet, windows: Sequence[int | None] | None = None) -> str:
     meta = rs.meta
-    prov = meta.get("provenance") if isinstance(meta.get("provenance"), Mapping) else {}
+    prov: Any = meta.get("provenance") if isinstance(meta.get("provenance"), Mapping) else {}
     git = prov.get("git") if isinstance(prov.get("git"), Mapping) else None
     rows: list[tuple[str, str]] = [
         ("model", esc(rs.model)),
@@ -101,7 +101,7 @@ def _header(rs: ResultSet, windows: Sequence[int | None] | None = None) -> str:
     if windows is not None and any(w is not None for w in windows):
         rows.append(("layer attention", esc(windows_summary(windows))))
     if prov:
-        pkgs = prov.get("packages") if isinstance(prov.get("packages"), Mapping) else {}
+        pkgs: Any = prov.get("packages") if isinstance(prov.get("packages"), Mapping) else {}
         versions = ", ".join(f"{k} {v if v is not None else '—'}" for k, v in pkgs.items())
         rows.append(("packages", esc(versions) or "—"))
         env = [str(prov[k]) for k in ("python", "platform", "host") if prov.get(k)]

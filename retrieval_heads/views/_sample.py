@@ -69,7 +69,7 @@ def _record(
         passed=passed,
         recall=recall,
         reason=None if passed else "low recall",
-        scores={"retrieval": scores, **extra},
+        scores={"retrieval": scores, **extra},  # type: ignore[dict-item]  # arrays: TrialRecord makes lists
         copy_events=events,
         n_layers=n_layers,
         n_heads=n_heads,

@@ -336,14 +336,14 @@ def attention_view(
     ``max_tokens`` columns: the context crop of :func:`~._attention_grid.choose_columns`
     (needle and answer, ``window`` tokens around them, the keys attended most, the question).
     """
-    heads = [Head.parse(h) for h in heads]
+    parsed = [Head.parse(h) for h in heads]
     att = np.nan_to_num(_as_array(rows), nan=0.0)
     queries = [int(q) for q in query_positions]
     n = len(tokens)
-    _check_shapes(att, heads, queries, n)
+    _check_shapes(att, parsed, queries, n)
     n_heads, n_steps, n_keys = att.shape
     n_context = queries[0] + 1  # step 0 reads the last prompt token
-    index = {h: i for i, h in enumerate(heads)}
+    index = {h: i for i, h in enumerate(parsed)}
     events = [tuple(int(v) for v in e) for e in copy_events]
     mine = sorted(e for e in events if Head(e[1], e[2]) in index and 0 <= e[0] < n_steps)
     copied = {e[3] for e in mine if e[3] < n_context}
@@ -378,7 +378,7 @@ def attention_view(
     row_labels = [
         f"{s}: {_readable(tokens[q + 1]) if q + 1 < n else '?'}" for s, q in enumerate(queries)
     ]
-    names = list(head_labels) if head_labels is not None else [h.dotted for h in heads]
+    names = list(head_labels) if head_labels is not None else [h.dotted for h in parsed]
     copies = {(index[Head(la, hd)], s, item_of[k]) for s, la, hd, k in mine if k in item_of}
     grid = AttentionGrid(
         crop,
@@ -389,9 +389,9 @@ def attention_view(
         copies=frozenset(copies),
         needle=needle_span,
         answer=answer_span,
-        distractors=tuple(tuple(d) for d in distractor_spans),
+        distractors=tuple(tuple(d) for d in distractor_spans),  # type: ignore[misc]  # pairs
     )
-    views = _colored_token_views(folded, crop, col_labels, heads, n_steps)
+    views = _colored_token_views(folded, crop, col_labels, parsed, n_steps)
 
     def tok(p: int) -> str:
         return tokens[p] if 0 <= p < n else "?"
@@ -408,7 +408,7 @@ def attention_view(
     ]
     return TrialAttention(
         title=title,
-        heads=heads,
+        heads=parsed,
         n_tokens=n,
         crop=_crop_text(shown, n_context),
         views=views,
@@ -526,7 +526,7 @@ def trial_attention(
         spans["needle_span"] = needle_span
     if question_span is not None:
         spans["question_span"] = question_span
-    heads = [model.check_head(h) for h in heads]
+    parsed = [model.check_head(h) for h in heads]
     if (record.n_layers, record.n_heads) != (model.n_layers, model.n_heads):
         raise ValueError(
             f"trial {record.trial_id!r} was scored on {record.n_layers}x{record.n_heads} heads, "
@@ -538,7 +538,7 @@ def trial_attention(
     ids = torch.tensor(prompt + [int(t) for t in record.generated_ids[:n_steps]])
     queries = [len(prompt) - 1 + s for s in range(n_steps)]
     pattern = model.attention_rows(ids, queries)  # [layer, head, step, key]
-    rows = torch.stack([pattern[h.layer, h.head] for h in heads]).float().cpu().numpy()
+    rows = torch.stack([pattern[h.layer, h.head] for h in parsed]).float().cpu().numpy()
     del pattern
     tokens = list(model.to_str_tokens(ids))
     if title is None:
@@ -550,7 +550,7 @@ def trial_attention(
     view = attention_view(
         tokens,
         rows,
-        heads,
+        parsed,
         queries,
         needle_span=spans.get("needle_span"),
         answer_span=spans.get("answer_span"),

@@ -151,7 +151,7 @@ def render_report(
     if not sets and not patches:
         raise ValueError("no results to report on: " + "; ".join(skipped))
     for i, rs in enumerate([*sets, *patches], 1):
-        rs.index = i
+        rs.index = i  # type: ignore[attr-defined]  # a ResultSet or a patching result
         if isinstance(rs, ResultSet):
             rs.label = f"{rs.model} ({rs.kind})"
     page = _Page()
