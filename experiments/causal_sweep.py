@@ -4,8 +4,8 @@ Wu et al. (2024) mask the K best-scored retrieval heads and, as the control, K r
 (never retrieval heads), for growing K: needle-in-a-haystack accuracy falls steeply under the
 first and stays near the baseline under the second, and the failures become hallucinations.
 This script runs that K-sweep (:func:`retrieval_heads.causal.k_sweep`) on a needle grid and
-summarises it (:func:`retrieval_heads.analysis.k_sweep`): accuracy and ROUGE recall per K and
-selection, mean ± std over the random draws, and the answer classes per condition.
+summarises it (:func:`retrieval_heads.analysis.summarise_k_sweep`): accuracy and ROUGE recall per
+K and selection, mean ± std over the random draws, and the answer classes per condition.
 
     python experiments/causal_sweep.py --model tiny --out runs/experiments/causal
     python experiments/causal_sweep.py --scores runs/experiments/sparse/detect --ks 0,2,6,12 --draws 3
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         include_matched=args.matched,
         score_source=source,
     )
-    rows = analysis.k_sweep(records)
+    rows = analysis.summarise_k_sweep(records)
     classes = causal.answer_classes(records)
     base = next((r for r in rows if r.k == 0), None)
     drawn: dict = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,6 @@ __all__ = [
     "rank_with_ties",
     "pearson",
     "spearman",
-    "top_k_heads",
     "jaccard_top_k",
     "Agreement",
     "agreement",
@@ -53,6 +53,7 @@ __all__ = [
     "format_table",
     "summary_table",
     "KSweepRow",
+    "summarise_k_sweep",
     "k_sweep",
     "k_sweep_cells",
     "format_k_sweep",
@@ -192,7 +193,7 @@ def spearman(a: HeadScores | np.ndarray, b: HeadScores | np.ndarray) -> float:
     return _corr(rank_with_ties(x), rank_with_ties(y))
 
 
-def top_k_heads(scores: HeadScores | np.ndarray, k: int) -> list[Head]:
+def _top_k_heads(scores: HeadScores | np.ndarray, k: int) -> list[Head]:
     """The ``k`` best-scored heads, best first; ties broken by (layer, head), NaN never chosen."""
     if k < 0:
         raise ValueError("k must be >= 0")
@@ -208,7 +209,7 @@ def jaccard_top_k(a: HeadScores | np.ndarray, b: HeadScores | np.ndarray, k: int
     """|A ∩ B| / |A ∪ B| of the two top-k head sets (tables of one shape)."""
     if score_table(a).shape != score_table(b).shape:
         raise ValueError("score tables differ in shape")
-    sa, sb = set(top_k_heads(a, k)), set(top_k_heads(b, k))
+    sa, sb = set(_top_k_heads(a, k)), set(_top_k_heads(b, k))
     union = sa | sb
     return len(sa & sb) / len(union) if union else float("nan")
 
@@ -236,7 +237,7 @@ class Agreement:
 def agreement(a: HeadScores | np.ndarray, b: HeadScores | np.ndarray, k: int = 20) -> Agreement:
     """Pearson, Spearman and top-k Jaccard between two score tables of the same shape."""
     x, _ = _paired(a, b)
-    top_a, top_b = top_k_heads(a, k), set(top_k_heads(b, k))
+    top_a, top_b = _top_k_heads(a, k), set(_top_k_heads(b, k))
     return Agreement(
         pearson=pearson(a, b),
         spearman=spearman(a, b),
@@ -569,8 +570,10 @@ def _std(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def k_sweep(records: Iterable[TrialRecord]) -> list[KSweepRow]:
+def summarise_k_sweep(records: Iterable[TrialRecord]) -> list[KSweepRow]:
     """Summarise ablation runs whose ``params`` carry ``{"k", "selection", "draw"}``.
+
+    The records of a K-sweep (:func:`retrieval_heads.causal.k_sweep` runs one).
 
     Accuracy is the share of passing trials, recall the mean recall, first per draw, then
     mean ± std over draws. A record without ``k`` counts as the unablated baseline (``k=0``);
@@ -614,6 +617,17 @@ def k_sweep(records: Iterable[TrialRecord]) -> list[KSweepRow]:
             )
         )
     return rows
+
+
+def k_sweep(records: Iterable[TrialRecord]) -> list[KSweepRow]:
+    """Deprecated alias of :func:`summarise_k_sweep` (``causal.k_sweep`` runs a sweep)."""
+    warnings.warn(
+        "retrieval_heads.analysis.summarise_k_sweep is deprecated: use analysis.summarise_k_sweep "
+        "(rh.summarise_k_sweep); rh.k_sweep / causal.k_sweep runs a sweep",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return summarise_k_sweep(records)
 
 
 def k_sweep_cells(row: KSweepRow) -> list[Any]:

@@ -8,7 +8,7 @@ stay intact. This module is the ablation runner behind those experiments, on any
 
 - :func:`ablate_grid` — answer (and score) trials with a set of heads ablated;
 - :func:`k_sweep` — top-K vs random-K (vs matched-layer-K) for a list of K, into one resumable
-  results directory; summaries by :func:`retrieval_heads.analysis.k_sweep`;
+  results directory; summaries by :func:`retrieval_heads.analysis.summarise_k_sweep`;
 - :func:`answer_classes` — how the failures look (the hallucination analysis);
 - :func:`answer_trial`, :func:`ablation_hooks`, :func:`resample_sources` — one trial answered
   and graded without scoring heads, the hooks of an ablation mode, a resample's sources.
@@ -66,6 +66,8 @@ from retrieval_heads.interventions import (
     MODES,
     PHASES,
     Ablation,
+    Mode,
+    Phase,
     ZRecorder,
     check_uniform,
     mean_head_z,
@@ -713,8 +715,8 @@ def k_sweep(
     *,
     draws: int = 5,
     seed: int = 0,
-    mode: str = "uniform",
-    phase: str = "decode",
+    mode: Mode = "uniform",
+    phase: Phase = "decode",
     out: str | Path | None = None,
     include_matched: bool = True,
     progress: bool = False,
@@ -731,7 +733,8 @@ def k_sweep(
     model's head count; K=0 is the unablated baseline; ``draws`` random and matched draws per K,
     seeded by ``seed``). Every condition runs over every trial; records carry
     ``k``/``selection``/``draw`` so
-    :func:`retrieval_heads.analysis.k_sweep` summarises them. With ``out`` everything goes into
+    :func:`retrieval_heads.analysis.summarise_k_sweep` summarises them. With ``out`` everything
+    goes into
     one results directory (``kind="ablate"``): its config (checked on resume) holds the ks
     (requested and clipped), draws, seed, mode, phase, threshold, the score source with the
     top heads' scores, the trial ids' digest and every condition's heads; a rerun after an

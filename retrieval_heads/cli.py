@@ -498,7 +498,7 @@ def cmd_ablate(args) -> int:
         shard=args.shard,
     )
     if args.shard is None:
-        print(analysis.format_k_sweep(analysis.k_sweep(records)))
+        print(analysis.format_k_sweep(analysis.summarise_k_sweep(records)))
     return 0
 
 
@@ -542,7 +542,7 @@ def print_merged(merged, top: int) -> None:
     if merged.kind == "detect":
         print_top(HeadScores.from_records(merged.records), top)
     elif merged.kind == "ablate":
-        print(analysis.format_k_sweep(analysis.k_sweep(merged.records)))
+        print(analysis.format_k_sweep(analysis.summarise_k_sweep(merged.records)))
     elif merged.kind == "kv-sim":
         print_kv_sim(merged.path, merged.records, merged.meta)
 

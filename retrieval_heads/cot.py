@@ -27,7 +27,7 @@ given context (MuSiQue). This module is the harness for that experiment on any m
   :func:`grade_numeric` (the last number, or the first after "the answer is"),
   :func:`grade_choice` (the chosen letter), :func:`grade_extractive` (SQuAD token F1 >= 0.5);
 - :func:`summarize` / :func:`format_summary`: accuracy per kind x prompting x condition, mean ±
-  std over random draws (:func:`retrieval_heads.analysis.k_sweep` on each group).
+  std over random draws (:func:`retrieval_heads.analysis.summarise_k_sweep` on each group).
 
 Records are :class:`~retrieval_heads.records.TrialRecord` s (``kind="cot"`` results directory;
 zero score tables, no copy events), their ``params`` holding the question, ``prompting``
@@ -720,7 +720,7 @@ def summarize(records: Iterable[Any]) -> dict[tuple[str, str], list[Any]]:
     order = {k: i for i, k in enumerate((*KINDS, "all"))}
     porder = {p: i for i, p in enumerate(PROMPTINGS)}
     keys = sorted(groups, key=lambda kp: (order.get(kp[0], 99), porder.get(kp[1], 99)))
-    return {key: analysis.k_sweep(groups[key]) for key in keys}
+    return {key: analysis.summarise_k_sweep(groups[key]) for key in keys}
 
 
 def format_summary(rows: Mapping[tuple[str, str], Sequence[Any]]) -> str:

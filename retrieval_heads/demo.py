@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out / "ablate",
         include_matched=False,
     )
-    rows = {(r.k, r.selection): r for r in analysis.k_sweep(records)}
+    rows = {(r.k, r.selection): r for r in analysis.summarise_k_sweep(records)}
 
     kv_trials = make_trials(model, lengths=plan["sweep_lengths"], n_needles=1, **grid)
     say(f"KV-cache what-if: top-K vs random-K KV heads vs uniform windows, {len(kv_trials)} trials")

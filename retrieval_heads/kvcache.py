@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -49,7 +49,7 @@ from retrieval_heads.files import atomic_write_text
 from retrieval_heads.interventions import window_hooks
 from retrieval_heads.model import HookedModel
 from retrieval_heads.records import TrialRecord
-from retrieval_heads.scores import HeadScores
+from retrieval_heads.scores import HeadScores, group_kv_heads
 from retrieval_heads.scoring import DecodeConfig, check_lengths, score_trial
 from retrieval_heads.seeding import seeded_rng
 from retrieval_heads.sharding import Shard, shard_dir, shard_meta
@@ -176,17 +176,21 @@ class KVPolicy:
 
 
 def kv_head_scores(
-    scores: HeadScores | np.ndarray, n_kv_heads: int, reduce: str = "max"
+    scores: HeadScores | np.ndarray,
+    n_kv_heads: int,
+    reduce: Literal["max", "mean"] = "max",
+    *,
+    nan: Literal["ignore", "zero"] = "zero",
 ) -> np.ndarray:
-    """``[layer, kv_head]`` scores: ``reduce`` over each group's query-head scores (NaN as 0)."""
+    """``[layer, kv_head]`` scores from ``[layer, head]`` ones (or a :class:`HeadScores`).
+
+    ``reduce`` over each group's query-head scores; unscored heads (NaN) count as 0 by default
+    (``nan="zero"``: every KV head gets a rankable score).
+    :func:`~retrieval_heads.scores.group_kv_heads` is the one implementation (``HeadScores.kv_heads`` uses it with ``nan="ignore"``).
+    """
     if reduce not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduce!r}: use one of {', '.join(REDUCTIONS)}")
-    table = np.nan_to_num(analysis.score_table(scores), nan=0.0)  # [layer, head]
-    n_layers, n_heads = table.shape
-    if n_kv_heads < 1 or n_heads % n_kv_heads:
-        raise ValueError(f"{n_heads} query heads do not split over {n_kv_heads} KV heads")
-    grouped = table.reshape(n_layers, n_kv_heads, n_heads // n_kv_heads)
-    return grouped.max(axis=-1) if reduce == "max" else grouped.mean(axis=-1)
+    return group_kv_heads(analysis.score_table(scores), n_kv_heads, reduce, nan=nan)
 
 
 def top_kv_heads(kv_scores: np.ndarray, k: int) -> list[KVHead]:
@@ -322,7 +326,7 @@ class KVSweep:
 def simulate(
     model: HookedModel,
     trials: Sequence[Trial],
-    scores: HeadScores | np.ndarray,
+    scores: HeadScores | np.ndarray,  # [layer, head]
     *,
     ks: Iterable[int] | None = None,
     draws: int = 3,
@@ -330,8 +334,8 @@ def simulate(
     sink: int = 4,
     window: int = 64,
     uniform_windows: Iterable[int] | None = None,
-    phase: str = "decode",
-    reduce: str = "max",
+    phase: Literal["decode", "all"] = "decode",
+    reduce: Literal["max", "mean"] = "max",
     out: str | Path | None = None,
     config: DecodeConfig | None = None,
     progress: bool = False,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,7 +38,10 @@ from retrieval_heads.files import (
 from retrieval_heads.heads import Head
 from retrieval_heads.records import TrialRecord
 
-__all__ = ["HeadScores", "MAX_RESAMPLES"]
+__all__ = ["HeadScores", "MAX_RESAMPLES", "group_kv_heads"]
+
+KVReduce = Literal["max", "mean"]
+NaNPolicy = Literal["ignore", "zero"]
 
 
 #: The most bootstrap resamples a stored file may ask for (the default is 1,000).
@@ -354,19 +357,11 @@ class HeadScores:
         ``repeat_kv`` layout). ``how="max"`` (the default) gives each kv head the best score of
         its query heads — a kv head is a retrieval head if any query head reading it is one;
         ``how="mean"`` averages them. Returns ``[layer, kv_head]``; heads without scores are
-        ignored (NaN only when a whole group has none).
+        ignored (NaN only when a whole group has none): :func:`group_kv_heads` with
+        ``nan="ignore"`` (``kvcache.kv_head_scores`` uses ``nan="zero"``). Returns
+        ``Float[np.ndarray, "layer kv_head"]``.
         """
-        if n_kv_heads <= 0 or self.n_heads % n_kv_heads:
-            raise ValueError(
-                f"n_kv_heads={n_kv_heads} must divide the number of query heads ({self.n_heads})"
-            )
-        table = self._stat(stat).reshape(self.n_layers, n_kv_heads, self.n_heads // n_kv_heads)
-        with _quiet_nan_warnings():
-            if how == "max":
-                return np.nanmax(table, axis=2)
-            if how == "mean":
-                return np.nanmean(table, axis=2)
-        raise ValueError(f"how must be 'max' or 'mean', got {how!r}")
+        return group_kv_heads(self._stat(stat), n_kv_heads, how, nan="ignore")  # type: ignore
 
     # -- serialisation -------------------------------------------------------------------------
 
@@ -519,6 +514,36 @@ class HeadScores:
             f"HeadScores(scorer={self.scorer!r}, {self.n_layers}x{self.n_heads} heads, "
             f"{self.n_passed}/{self.n_total} passing trials)"
         )
+
+
+def group_kv_heads(
+    table: np.ndarray, n_kv_heads: int, reduce: KVReduce = "max", *, nan: NaNPolicy = "ignore"
+) -> np.ndarray:
+    """Aggregate a ``[layer, head]`` query-head table to ``[layer, kv_head]`` (GQA).
+
+    Query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)``; ``reduce`` (``"max"`` or
+    ``"mean"``) combines each group. The one place NaN (an unscored head) is handled, by
+    ``nan``: ``"ignore"`` leaves unscored heads out of their group (NaN only where a whole group
+    is unscored; :meth:`HeadScores.kv_heads`), ``"zero"`` counts them as score 0 (never NaN;
+    :func:`retrieval_heads.kvcache.kv_head_scores`, which ranks KV heads).
+    """
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"unknown reduction {reduce!r}: use one of max, mean")
+    if nan not in ("ignore", "zero"):
+        raise ValueError(f"unknown NaN policy {nan!r}: use 'ignore' or 'zero'")
+    table = np.asarray(table, dtype=np.float64)
+    n_layers, n_heads = table.shape
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(
+            f"{n_heads} query heads do not split over {n_kv_heads} KV heads "
+            f"(n_kv_heads={n_kv_heads} must divide the number of query heads)"
+        )
+    grouped = table.reshape(n_layers, n_kv_heads, n_heads // n_kv_heads)
+    if nan == "zero":
+        grouped = np.nan_to_num(grouped, nan=0.0)
+        return grouped.max(axis=-1) if reduce == "max" else grouped.mean(axis=-1)
+    with _quiet_nan_warnings():
+        return np.nanmax(grouped, axis=-1) if reduce == "max" else np.nanmean(grouped, axis=-1)
 
 
 class _quiet_nan_warnings:

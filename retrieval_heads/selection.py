@@ -63,8 +63,13 @@ def _is_retrieval(table: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def top_heads(scores: Scores, k: int) -> list[Head]:
-    """The ``k`` best-scored heads, best first (ties by (layer, head); NaN never chosen)."""
-    return analysis.top_k_heads(scores, k)
+    """The ``k`` best-scored heads, best first (ties by (layer, head); NaN never chosen).
+
+    ``scores``: a :class:`HeadScores` or a ``[layer, head]`` table. The one top-k helper for
+    query heads (``rh.top_heads``; ``HeadScores.top(k)`` is the same for ``stat="mean"``);
+    ``kvcache.top_kv_heads`` ranks KV heads.
+    """
+    return analysis._top_k_heads(scores, k)  # the one implementation
 
 
 def _all_heads(table: np.ndarray) -> list[Head]:

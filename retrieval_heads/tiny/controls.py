@@ -277,5 +277,5 @@ def control_sweep(
     by_task: dict[str, list[TrialRecord]] = defaultdict(list)
     for r in records:
         by_task[r.params["task"]].append(r)
-    rows = {task: analysis.k_sweep(by_task[task]) for task in tasks if by_task[task]}
+    rows = {task: analysis.summarise_k_sweep(by_task[task]) for task in tasks if by_task[task]}
     return ControlSweep(records, rows)

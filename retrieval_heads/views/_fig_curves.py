@@ -1,7 +1,7 @@
 """Curves of interventions: accuracy against K ablated heads (top-K vs random-K, with bands) and
 against the share of the KV cache kept.
 
-It computes no summary: it draws :func:`~retrieval_heads.analysis.k_sweep` rows and
+It computes no summary: it draws :func:`~retrieval_heads.analysis.summarise_k_sweep` rows and
 :func:`~retrieval_heads.analysis.kv_curve` points.
 """
 

@@ -1,7 +1,7 @@
 """The report's section of an ablation run: per task, NIAH grids of the baseline and the
 ablated runs side by side, the K-sweep (figure and table) and the answer classes per condition.
 
-It runs no ablation and computes no summary (``analysis.k_sweep`` does).
+It runs no ablation and computes no summary (``analysis.summarise_k_sweep`` does).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _ablation_task(page: _Page, records: list[TrialRecord], name: str) -> str:
                     f"NIAH {metric} baseline vs ablated",
                 )
             )
-    rows = analysis.k_sweep(records)
+    rows = analysis.summarise_k_sweep(records)
     if len({r.k for r in rows}) > 1:
         parts.append("<h4>K-sweep</h4>")
         parts.append(

@@ -1,7 +1,7 @@
 """Plotly figures of results: each function takes values and returns a ``go.Figure``.
 
 Nothing here computes a score: the functions draw whatever :class:`HeadScores`,
-:class:`TrialRecord`\\ s or :func:`~retrieval_heads.analysis.k_sweep` rows they are given.
+:class:`TrialRecord`\\ s or :func:`~retrieval_heads.analysis.summarise_k_sweep` rows they are given.
 Text that comes from results (model names, conditions, classes) is HTML-escaped before it goes
 into a title, a label or a hover (plotly shows ``&lt;`` as ``<``, and never runs markup).
 

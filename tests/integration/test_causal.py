@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from retrieval_heads import Head, causal
-from retrieval_heads.analysis import k_sweep as summarise
+from retrieval_heads.analysis import summarise_k_sweep as summarise
 from retrieval_heads.patching import patching_pairs
 from retrieval_heads.scoring import detect
 from retrieval_heads.selection import (

@@ -160,7 +160,7 @@ def test_niah_grid_and_side_by_side_panels(results_root):
 
 def test_k_sweep_figure_has_lines_and_bands(results_root):
     records = load_results(results_root["ablate"])[2]
-    rows = analysis.k_sweep(records)
+    rows = analysis.summarise_k_sweep(records)
     fig = k_sweep_figure(rows)
     names = [t.name for t in fig.data]
     assert "top-K" in names and "random-K" in names

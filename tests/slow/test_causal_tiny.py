@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from retrieval_heads import causal, patching
-from retrieval_heads.analysis import k_sweep as summarise
+from retrieval_heads.analysis import summarise_k_sweep as summarise
 from retrieval_heads.scoring import detect
 from retrieval_heads.selection import top_heads
 from retrieval_heads.store import load_results

@@ -14,6 +14,7 @@ from retrieval_heads.heads import Head
 from retrieval_heads.published import import_published
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scores import HeadScores
+from retrieval_heads.selection import top_heads
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "published"
 
@@ -139,8 +140,8 @@ def test_jaccard_of_a_permutation_by_hand():
     a = np.arange(6.0).reshape(2, 3)  # top-2: 1.2 (5), 1.1 (4)
     b = a.copy()
     b[1, 1], b[0, 0] = b[0, 0], b[1, 1]  # swap heads 1.1 and 0.0: top-2 now 1.2, 0.0
-    assert A.top_k_heads(a, 2) == [Head(1, 2), Head(1, 1)]
-    assert A.top_k_heads(b, 2) == [Head(1, 2), Head(0, 0)]
+    assert top_heads(a, 2) == [Head(1, 2), Head(1, 1)]
+    assert top_heads(b, 2) == [Head(1, 2), Head(0, 0)]
     assert A.jaccard_top_k(a, b, k=2) == pytest.approx(1 / 3)  # {1.2} / {1.2, 1.1, 0.0}
     assert A.jaccard_top_k(a, b, k=3) == pytest.approx(2 / 4)  # {1.2, 1.0} / 4 heads
     assert A.jaccard_top_k(a, b, k=6) == 1.0
@@ -151,8 +152,8 @@ def test_jaccard_of_a_permutation_by_hand():
 
 def test_top_k_ties_and_nan():
     t = np.array([[0.5, 0.5], [np.nan, 0.5]])
-    assert A.top_k_heads(t, 2) == [Head(0, 0), Head(0, 1)]
-    assert A.top_k_heads(t, 10) == [Head(0, 0), Head(0, 1), Head(1, 1)]
+    assert top_heads(t, 2) == [Head(0, 0), Head(0, 1)]
+    assert top_heads(t, 10) == [Head(0, 0), Head(0, 1), Head(1, 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_k_sweep_by_hand():
         record("t0", passed=False, recall=0.1, params={"k": 5, "selection": "top", "draw": 0}),
         record("t1", passed=True, recall=0.9, params={"k": 5, "selection": "top", "draw": 0}),
     ]
-    rows = A.k_sweep(recs)
+    rows = A.summarise_k_sweep(recs)
     assert [(r.k, r.selection) for r in rows] == [(0, "none"), (5, "random"), (5, "top")]
     base, rand, top = rows
     assert base.accuracy == 0.75 and base.recall == 0.75 and base.n_draws == 1
