@@ -36,6 +36,22 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def generator_meta(generator: str) -> str:
+    """The ``<meta name="generator">`` tag a page of ours carries in its head, so that writing
+    it again may replace it (:func:`written_by`) and nothing else."""
+    return f'<meta name="generator" content="{generator}">'
+
+
+def written_by(path: Any, generator: str) -> bool:
+    """Whether the file at ``path`` is a page ``generator`` wrote (its first 512 bytes carry
+    :func:`generator_meta`); False for a missing or unreadable file."""
+    try:
+        with open(path, "rb") as f:
+            return generator_meta(generator).encode() in f.read(512)
+    except OSError:
+        return False
+
+
 def jsonable(value: Any) -> Any:
     """Plain JSON values: numpy scalars and arrays to Python, non-finite floats to ``None``."""
     if isinstance(value, np.ndarray):

@@ -43,7 +43,14 @@ import numpy as np
 from retrieval_heads.files import atomic_write_text, check_output_file
 from retrieval_heads.heads import Head
 from retrieval_heads.views._attention_grid import AttentionGrid, Crop, choose_columns, crop_of
-from retrieval_heads.views._html import esc, fmt_int, inline_js, script_json
+from retrieval_heads.views._html import (
+    esc,
+    fmt_int,
+    generator_meta,
+    inline_js,
+    script_json,
+    written_by,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from retrieval_heads.model import HookedModel
@@ -154,7 +161,7 @@ GENERATOR = "retrieval-heads attention view"
 def _page(title: str, body: str, n_views: int) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="generator" content="{GENERATOR}">'
+        f"{generator_meta(GENERATOR)}"
         f"<title>{esc(title)}</title><script>{circuitsvis_js()}</script></head>"
         f'<body style="font-family: sans-serif" data-figures="0" data-views="{n_views}">'
         f"{body}</body></html>\n"
@@ -226,17 +233,9 @@ class TrialAttention:
         """Write :meth:`standalone_html` to ``path``, atomically. Inside a results folder it
         refuses the folder's own files and any file it did not write (E56)."""
         path = Path(path)
-        check_output_file(path, "attention view", is_ours=_is_saved_view)
+        check_output_file(path, "attention view", is_ours=lambda p: written_by(p, GENERATOR))
         atomic_write_text(path, self.standalone_html())
         return path
-
-
-def _is_saved_view(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f'<meta name="generator" content="{GENERATOR}">'.encode() in f.read(512)
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------

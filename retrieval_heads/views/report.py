@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from retrieval_heads.analysis import RETRIEVAL_THRESHOLD
 from retrieval_heads.files import ResultsError, atomic_write_text, check_output_file
-from retrieval_heads.views._html import esc, plotly_js
+from retrieval_heads.views._html import esc, generator_meta, plotly_js, written_by
 from retrieval_heads.views._report_ablate import _ablation_section
 from retrieval_heads.views._report_compare import _comparison_section, _patching_section
 from retrieval_heads.views._report_detect import _detection_section
@@ -213,7 +213,7 @@ def render_report(
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">\n'
-        f'<meta name="generator" content="{GENERATOR}">\n'
+        f"{generator_meta(GENERATOR)}\n"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n{scripts}</head>\n"
@@ -236,12 +236,7 @@ GENERATOR = "retrieval-heads report"
 
 def is_report_file(path: str | Path) -> bool:
     """Whether ``path`` is a report this module wrote (its head names the generator)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return False
-    return f'<meta name="generator" content="{GENERATOR}">'.encode() in head
+    return written_by(path, GENERATOR)
 
 
 def build_report(
