@@ -75,12 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
         "sink": args.sink,
         "window": args.window,
         "phase": args.phase,
-        "baseline": next(q.accuracy for q in curve if q.selection == "none"),
+        "baseline": analysis.baseline_accuracy(curve),
         "chosen": chosen.to_dict(),
         # False when no K measured came within the tolerance: "chosen" is then the largest K
-        "chosen_within_tolerance": bool(
-            chosen.accuracy >= next(q.accuracy for q in curve if q.selection == "none") - 0.05
-        ),
+        "chosen_within_tolerance": analysis.is_sufficient(chosen, curve),
         "chosen_kv_heads": [list(h) for h in heads],
         "random_same_k": same_k[0].to_dict() if same_k else None,
         "uniform_at_least_that_share": uniform[0].to_dict() if uniform else None,

@@ -61,6 +61,8 @@ __all__ = [
     "kv_curve",
     "format_kv_curve",
     "smallest_sufficient_k",
+    "baseline_accuracy",
+    "is_sufficient",
 ]
 
 RETRIEVAL_THRESHOLD = 0.1
@@ -739,12 +741,24 @@ def format_kv_curve(points: Sequence[KVPoint]) -> str:
     return format_table(body, headers)
 
 
-def smallest_sufficient_k(points: Sequence[KVPoint], tolerance: float = 0.05) -> KVPoint:
-    """The top-K point with the fewest full KV heads whose accuracy is within ``tolerance`` of
-    the uncompressed baseline's (the largest K measured when none is)."""
+def baseline_accuracy(points: Sequence[KVPoint]) -> float:
+    """The uncompressed cache's accuracy (the curve's ``selection == "none"`` point)."""
     base = [p for p in points if p.selection == "none"]
+    if not base:
+        raise ValueError("the curve needs the uncompressed baseline")
+    return base[0].accuracy
+
+
+def is_sufficient(point: KVPoint, points: Sequence[KVPoint], tolerance: float = 0.05) -> bool:
+    """Whether ``point`` keeps accuracy within ``tolerance`` of the uncompressed baseline's."""
+    return point.accuracy >= baseline_accuracy(points) - tolerance
+
+
+def smallest_sufficient_k(points: Sequence[KVPoint], tolerance: float = 0.05) -> KVPoint:
+    """The top-K point with the fewest full KV heads that :func:`is_sufficient` (the largest K
+    measured when none is: check it with :func:`is_sufficient`)."""
     tops = sorted((p for p in points if p.selection == "top"), key=lambda p: p.k)
-    if not base or not tops:
+    if not tops or not any(p.selection == "none" for p in points):
         raise ValueError("the curve needs the uncompressed baseline and top-K points")
-    good = [p for p in tops if p.accuracy >= base[0].accuracy - tolerance]
+    good = [p for p in tops if is_sufficient(p, points, tolerance)]
     return good[0] if good else tops[-1]

@@ -529,7 +529,6 @@ def export_chosen(
     kv_scores = np.asarray(run_config["kv_scores"], dtype=np.float64)  # [layer, kv_head]
     curve = analysis.kv_curve(records)
     chosen = analysis.smallest_sufficient_k(curve, tolerance)
-    baseline = next(p.accuracy for p in curve if p.selection == "none")
     n_heads = records[0].n_heads
     assert chosen.sink is not None and chosen.window is not None  # a top-K point
     paths = export_heads(
@@ -548,8 +547,8 @@ def export_chosen(
             "accuracy": chosen.accuracy,
             "tolerance": tolerance,
             # False when no K measured came within tolerance: this is then the largest K
-            "baseline_accuracy": baseline,
-            "within_tolerance": bool(chosen.accuracy >= baseline - tolerance),
+            "baseline_accuracy": analysis.baseline_accuracy(curve),
+            "within_tolerance": analysis.is_sufficient(chosen, curve, tolerance),
         },
     )
     return chosen, paths

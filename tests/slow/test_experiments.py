@@ -134,6 +134,7 @@ def test_kv_cache_what_if(detection, runs):
     top = result["chosen"]
     # two KV heads of the retrieval layer keep the whole context: ~13% of the cache suffices
     assert top["k"] <= 2 and top["accuracy"] >= result["baseline"] - 0.05
+    assert result["chosen_within_tolerance"] is True
     assert top["kv_share"] < 0.2
     # ... while as many random KV heads, or windowing every head with as much memory, fail
     assert result["random_same_k"]["accuracy"] <= top["accuracy"] - 0.3

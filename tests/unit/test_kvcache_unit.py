@@ -168,6 +168,12 @@ def test_kv_curve_pools_draws_and_chooses_the_smallest_sufficient_k():
     assert random.accuracy_std == pytest.approx(np.std([0, 1], ddof=1))
     assert analysis.smallest_sufficient_k(curve).k == 2
     assert analysis.smallest_sufficient_k(curve, tolerance=0.5).k == 1
+    assert analysis.baseline_accuracy(curve) == 1.0
+    top1 = curve[1]  # 1 of 2 answers kept: 0.5 below the baseline
+    assert not analysis.is_sufficient(top1, curve) and analysis.is_sufficient(top1, curve, 0.5)
+    # none sufficient: the largest K is returned, and is_sufficient says it is not
+    largest = analysis.smallest_sufficient_k(curve[:2])
+    assert largest is top1 and not analysis.is_sufficient(largest, curve[:2])
     assert "KV share" in analysis.format_kv_curve(curve)
     with pytest.raises(ValueError, match="not a kv-sim record"):
         analysis.kv_curve([dataclasses.replace(records[0], params={})])
