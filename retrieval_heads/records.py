@@ -21,6 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from retrieval_heads.conditions import (
+    ConditionError,
+    RecordCondition,
+    condition_from_dict,
+    upgrade_legacy,
+)
 from retrieval_heads.files import ResultsError, _dumps, _fmt_source, _is_number, _jsonable
 from retrieval_heads.heads import Head
 
@@ -31,11 +37,23 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+def _is_legacy(params: Any, scores: Any) -> bool:
+    """A record of a file written before conditions were typed (they lived in params)."""
+    return (
+        isinstance(params, dict)
+        and isinstance(scores, dict)
+        and ("base_trial_id" in params or params.get("task") == "cot")
+    )
+
+
 @dataclasses.dataclass
 class TrialRecord:
     """One decoded trial, as ``scoring.py`` yields it and ``trials.jsonl`` stores it.
 
-    ``scores`` maps a scorer name to a ``[layer][head]`` table; ``"retrieval"`` is always there.
+    ``scores`` maps a scorer name to a ``[layer][head]`` table; ``"retrieval"`` is always there,
+    except in records of tasks that have no head scores (chain of thought, memorised facts,
+    chains), whose ``scores`` are empty. ``condition`` is what the run changed
+    (:mod:`~retrieval_heads.conditions`; ``None`` for a detection of the unchanged model).
     ``copy_events`` are ``(step, layer, head, key_position)``: at decode step ``step`` head
     ``(layer, head)`` put its argmax attention on ``key_position`` inside the answer span and
     the token there was the one generated.
@@ -54,6 +72,7 @@ class TrialRecord:
     n_layers: int
     n_heads: int
     elapsed_s: float = 0.0
+    condition: RecordCondition | None = None
 
     def __post_init__(self) -> None:
         # Accept what a scorer naturally hands over (numpy tables, tuples); store plain lists.
@@ -120,8 +139,8 @@ class TrialRecord:
                 fail(f"{name} must be a positive integer, got {value!r}")
         if not _is_number(self.elapsed_s) or not math.isfinite(self.elapsed_s):
             fail(f"elapsed_s must be a finite number, got {self.elapsed_s!r}")
-        if not isinstance(self.scores, dict) or "retrieval" not in self.scores:
-            fail("scores must be an object with at least the 'retrieval' scorer")
+        if not isinstance(self.scores, dict) or (self.scores and "retrieval" not in self.scores):
+            fail("scores must be an object: empty, or with at least the 'retrieval' scorer")
         for scorer, table in self.scores.items():
             if not isinstance(table, list) or len(table) != self.n_layers:
                 fail(f"scores[{scorer!r}] must be a list of {self.n_layers} layers")
@@ -146,9 +165,11 @@ class TrialRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (fixed key order), the form of one ``trials.jsonl`` line."""
+        condition = {} if self.condition is None else {"condition": self.condition.to_dict()}
         return {
             "trial_id": self.trial_id,
             "params": _jsonable(self.params),
+            **condition,
             "expected": self.expected,
             "generated_ids": [int(t) for t in self.generated_ids],
             "generated_text": self.generated_text,
@@ -177,7 +198,7 @@ class TrialRecord:
                 f"got {type(data).__name__}"
             )
         fields = {f.name for f in dataclasses.fields(cls)}
-        required = fields - {"elapsed_s", "reason"}
+        required = fields - {"elapsed_s", "reason", "condition"}
         missing = sorted(required - set(data))
         if missing:
             tid = data.get("trial_id", "?")
@@ -193,6 +214,17 @@ class TrialRecord:
             kwargs["copy_events"] = [tuple(e) if isinstance(e, list) else e for e in events]
         kwargs.setdefault("reason", None)
         kwargs.setdefault("elapsed_s", 0.0)
+        if "condition" in kwargs:
+            try:
+                kwargs["condition"] = condition_from_dict(kwargs["condition"])
+            except ConditionError as exc:
+                tid = data.get("trial_id", "?")
+                raise ResultsError(
+                    f"trial record {tid!r} in {_fmt_source(source)}: {exc}"
+                ) from None
+        elif _is_legacy(kwargs.get("params"), kwargs.get("scores")):
+            params, condition, scores = upgrade_legacy(kwargs["params"], kwargs["scores"])
+            kwargs.update(params=params, condition=condition, scores=scores)
         return cls(**kwargs).validate(source)
 
     @classmethod
