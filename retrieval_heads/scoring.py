@@ -45,9 +45,10 @@ from retrieval_heads.grading import classify_failure, grade
 from retrieval_heads.intervention import Intervention, check_intervention
 from retrieval_heads.model import ContextLengthError, HookedModel, RowSink
 from retrieval_heads.records import TrialRecord
+from retrieval_heads.runner import Unit, model_info, run_sweep
+from retrieval_heads.runner import model_name as runner_model_name
 from retrieval_heads.scores import HeadScores
-from retrieval_heads.sharding import Shard, shard_dir, shard_meta
-from retrieval_heads.store import ResultsDir
+from retrieval_heads.sharding import Shard
 from retrieval_heads.trials.builder import check_trial_tokens
 from retrieval_heads.trials.trial import Trial
 
@@ -446,58 +447,28 @@ def detect(
     run_config.setdefault("decode", config.__dict__ | {"stop_strings": list(config.stop_strings)})
     if intervention is not None:
         run_config.setdefault("intervention", intervention.describe())
-    name = model_name or getattr(model, "name", None) or type(model.hf_model).__name__
     check_lengths(model, trials)  # before a results directory is made for a run that cannot run
-    describe = getattr(model, "describe", None)
-    info = {"model_info": describe()} if describe else {}  # for the views, never compared
+
+    def check(records: list[TrialRecord]) -> None:
+        if require_pass and not any(r.passed for r in records):
+            raise DetectionError(failure_summary(records))
+
+    records = run_sweep(
+        [Unit(t.trial_id, t) for t in trials],
+        lambda unit: score_trial(model, unit.item, config, hooks, intervention=intervention),
+        out=out,
+        model=model_name or runner_model_name(model),
+        kind=kind,
+        config=run_config,
+        seed=seed,
+        extra_meta=model_info(model),
+        shard=shard,
+        require_pass=require_pass,
+        progress=progress,
+        check=check,
+    )
     if shard is not None:
-        if out is None:
-            raise ValueError("a sharded detection needs out=: shards are merged from disk")
-        share = [trials[p] for p in shard.positions(len(trials))]
-        extra = shard_meta(shard, len(trials), require_pass=require_pass) | info
-        path = shard_dir(out, shard)
-        with ResultsDir(
-            path, model=name, config=run_config, kind=kind, seed=seed, extra_meta=extra
-        ) as run:
-            done = run.done_ids()
-            for record in iter_detect(
-                model,
-                _progress(share, progress, done),
-                config,
-                hooks,
-                done,
-                intervention=intervention,
-            ):
-                run.append(record)
-            run.finalize()
-            records = run.records()
         return HeadScores.from_records(records) if records else None
-    if out is None:
-        records = list(
-            iter_detect(
-                model, _progress(trials, progress), config, hooks, intervention=intervention
-            )
-        )
-    else:
-        with ResultsDir(
-            out, model=name, config=run_config, kind=kind, seed=seed, extra_meta=info
-        ) as run:
-            for record in iter_detect(
-                model,
-                _progress(trials, progress, run.done_ids()),
-                config,
-                hooks,
-                run.done_ids(),
-                intervention=intervention,
-            ):
-                run.append(record)
-            records = run.records()
-            if require_pass and not any(r.passed for r in records):
-                run.update_meta(status="failed", failure=failure_summary(records))
-                raise DetectionError(failure_summary(records))
-            run.finalize()
-    if require_pass and not any(r.passed for r in records):
-        raise DetectionError(failure_summary(records))
     return HeadScores.from_records(records)
 
 
@@ -540,13 +511,3 @@ def failure_summary(records: Sequence[TrialRecord], n: int = 5) -> str:
         "that the context fits the model, and that --max-new-tokens covers the answer"
     )
     return "\n".join(lines)
-
-
-def _progress(trials: Sequence[Trial], enabled: bool, done: Iterable[str] = ()):
-    if not enabled:
-        return trials
-    from tqdm.auto import tqdm
-
-    done = set(done)
-    todo = [t for t in trials if t.trial_id not in done]
-    return tqdm(todo, desc="trials", unit="trial", initial=0, total=len(todo))

@@ -1,0 +1,134 @@
+"""The one sweep runner: units in, resumable records out.
+
+Detection, ablation, the embedded model's controls, the KV-cache what-if and the
+chain-of-thought run all have the same shape: *plan* the units (a trial, or a question's
+prompt, under a condition), then *run* them. :func:`run_sweep` owns the second half for all of
+them: which units a shard owns, which a results folder already holds (resume), the loop, the
+progress bar, the atomic one-file-per-record writes, the check before the folder is marked
+finished, and the timing. The callers only plan and say how one unit becomes a
+:class:`~retrieval_heads.records.TrialRecord`.
+
+Units are ordered; a shard owns the units at its positions in that order (round robin,
+:class:`~retrieval_heads.sharding.Shard`), so every process of a sharded run must plan the same
+units in the same order (they do: planning is seeded and deterministic).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.sharding import Shard, shard_dir, shard_meta
+from retrieval_heads.store import ResultsDir
+
+__all__ = ["Unit", "run_sweep", "model_name"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One record to make: ``record_id`` (its key in the results folder), the ``item`` run (a
+    trial, a question's prompt) and the ``condition`` it runs under (whatever the planner uses;
+    units of one condition are usually adjacent, so per-condition set-up can be cached)."""
+
+    record_id: str
+    item: Any
+    condition: Any = None
+
+
+def model_name(model: Any) -> str:
+    """The name a results folder records for ``model``."""
+    return getattr(model, "name", None) or type(model.hf_model).__name__
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    """What the views want to know of the model (``meta.json``'s ``model_info``; never
+    compared on resume)."""
+    describe = getattr(model, "describe", None)
+    return {"model_info": describe()} if describe else {}
+
+
+def run_sweep(
+    units: Sequence[Unit],
+    run_unit: Callable[[Unit], TrialRecord],
+    *,
+    out: str | Path | None = None,
+    model: str,
+    kind: str,
+    config: Mapping[str, Any],
+    seed: int | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+    shard: Shard | None = None,
+    require_pass: bool = False,
+    overwrite: bool = False,
+    progress: bool | str = False,
+    check: Callable[[list[TrialRecord]], None] | None = None,
+    timing: bool = True,
+) -> list[TrialRecord]:
+    """Run every unit (of ``shard``, if given) that ``out`` does not hold yet; return the records.
+
+    Without ``out`` the records of this call are returned, in unit order. With ``out`` they go
+    to a :class:`~retrieval_heads.store.ResultsDir` (``model``, ``kind``, ``config``,
+    ``seed`` identify the run: a rerun resumes it, another run there is refused) as each one
+    finishes, and the folder's records are returned, sorted by id, old ones included. With
+    ``shard`` (and ``out``), only the units at the shard's positions run, into
+    ``out/shards/<i>-of-<N>/`` with the shard's metadata, for
+    :func:`~retrieval_heads.sharding.merge` (``require_pass``: the merge fails when no record of
+    the whole run passed).
+
+    ``check(records)`` runs on the whole set before the folder is marked finished; if it raises,
+    the folder is marked ``failed`` with the error's text (the records stay, a rerun resumes)
+    and the error propagates. A shard skips it: its share alone does not decide. ``progress``: a tqdm bar over the units left (a string names it).
+    """
+    ids = [u.record_id for u in units]
+    if len(set(ids)) != len(ids):
+        raise ValueError("record ids repeat: a results folder keys its records by id")
+    if shard is not None:
+        if out is None:
+            raise ValueError(f"a sharded {kind} run needs out=: shards are merged from disk")
+        units = [units[p] for p in shard.positions(len(units))]
+    began = time.perf_counter()
+    if out is None:
+        records = [run_unit(u) for u in _bar(units, progress)]
+        if check is not None:
+            check(records)
+        return records
+    path, meta = Path(out), dict(extra_meta or {})
+    if shard is not None:
+        path = shard_dir(out, shard)
+        meta = shard_meta(shard, len(ids), require_pass=require_pass) | meta
+        check = None
+    with ResultsDir(
+        path,
+        model=model,
+        config=config,
+        kind=kind,
+        seed=seed,
+        overwrite=overwrite,
+        extra_meta=meta,
+    ) as run:
+        done = run.done_ids()
+        for unit in _bar([u for u in units if u.record_id not in done], progress):
+            run.append(run_unit(unit))
+        records = run.records()
+        if check is not None:
+            try:
+                check(records)
+            except Exception as exc:
+                run.update_meta(status="failed", failure=str(exc))
+                raise
+        wall = {"wall_s": round(time.perf_counter() - began, 3)} if timing else None
+        run.finalize(timing=wall)
+        return run.records()
+
+
+def _bar(units: Sequence[Unit], progress: bool | str) -> Iterable[Unit]:
+    if not progress:
+        return units
+    from tqdm.auto import tqdm
+
+    desc = progress if isinstance(progress, str) else "trials"
+    return tqdm(units, desc=desc, unit="trial", total=len(units))
