@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = next((r for r in rows if r.k == 0), None)
     drawn: dict = {}
     for rec in records:
-        q = rec.params
-        drawn.setdefault((q["k"], q["selection"]), {})[q["draw"]] = q["ablated"]
+        c = rec.condition
+        drawn.setdefault((c.k, c.selection), {})[c.draw] = list(c.heads)
     per_k = []
     for k in sorted({r.k for r in rows if r.k > 0}):
         by = {r.selection: r for r in rows if r.k == k}
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     groups = {}
     for r in records:
-        p_ = r.params
-        groups.setdefault(f"{p_['selection']} K={p_['k']}", []).append(r)
+        c = r.condition
+        groups.setdefault(f"{c.selection} K={c.k}", []).append(r)
     files = [
         C.write_json(out / "k_sweep.json", result),
         C.write_text(out / "table.txt", text),

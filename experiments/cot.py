@@ -165,7 +165,7 @@ def _harness(args, model, scores, out: Path, say) -> tuple[dict, str, dict]:
                 "score": r.recall,
                 "extracted": r.params.get("extracted"),
                 "answer": r.expected,
-                "ablated": r.params["ablated"],
+                "ablated": list(r.condition.heads),
                 "text": r.generated_text,
             }
             for r in result_run.records

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval_heads.conditions import HeadAblation, KVWindow
 from retrieval_heads.heads import Head
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scores import HeadScores
@@ -573,24 +574,29 @@ def _std(values: Sequence[float]) -> float:
 
 
 def summarise_k_sweep(records: Iterable[TrialRecord]) -> list[KSweepRow]:
-    """Summarise ablation runs whose ``params`` carry ``{"k", "selection", "draw"}``.
+    """Summarise ablation records by their condition's ``(k, selection, draw)``.
 
-    The records of a K-sweep (:func:`retrieval_heads.causal.k_sweep` runs one).
-
-    Accuracy is the share of passing trials, recall the mean recall, first per draw, then
-    mean ± std over draws. A record without ``k`` counts as the unablated baseline (``k=0``);
-    without ``selection`` as selection ``"none"``; without ``draw`` as draw 0.
-    Rows are sorted by ``k``, then selection.
+    The records of a K-sweep (:func:`retrieval_heads.causal.k_sweep` runs one), of the
+    embedded model's controls or of the chain-of-thought run: each carries a
+    :class:`~retrieval_heads.conditions.HeadAblation`. Accuracy is the share of passing trials,
+    recall the mean recall, first per draw, then mean ± std over draws. A record without a
+    condition (a detection of the unchanged model) counts as the baseline (``k=0``, selection
+    ``"none"``, draw 0). Rows are sorted by ``k``, then selection.
     """
     groups: dict[tuple[int, str], dict[Any, list[TrialRecord]]] = defaultdict(
         lambda: defaultdict(list)
     )
     for record in records:
-        params = record.params
-        k = int(params.get("k", 0))
-        selection = str(params.get("selection", "none"))
-        draw = _context_value(params.get("draw", 0))
-        groups[(k, selection)][draw].append(record)
+        c = record.condition
+        if isinstance(c, HeadAblation):
+            groups[(c.k, c.selection)][c.draw].append(record)
+        elif c is None:
+            groups[(0, "none")][0].append(record)
+        else:
+            raise ValueError(
+                f"record {record.trial_id} ran under a {c.TYPE} condition, not a head ablation: "
+                "summarise KV-cache records with kv_curve"
+            )
     rows = []
     for (k, selection), draws in sorted(groups.items()):
         per_draw = []
@@ -680,19 +686,18 @@ class KVPoint:
 
 
 def kv_curve(records: Iterable[TrialRecord]) -> list[KVPoint]:
-    """Summarise KV-cache simulation records (``params``: ``selection``, ``n_full_kv_heads``,
-    ``sink``, ``window``, ``draw``, ``kv_share``) into curve points, sorted by selection
-    (baseline, top, random, uniform) and share."""
+    """Summarise KV-cache simulation records (their :class:`~retrieval_heads.conditions.KVWindow`
+    and ``params["kv_share"]``) into curve points, sorted by selection (baseline, top, random,
+    uniform) and share."""
     groups: dict[tuple, dict[Any, list[TrialRecord]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
-        p = record.params
-        if "kv_share" not in p:
+        c = record.condition
+        if not isinstance(c, KVWindow) or "kv_share" not in record.params:
             raise ValueError(
-                f"record {record.trial_id} has no kv_share: not a kv-sim record "
+                f"record {record.trial_id} has no KV-window condition: not a kv-sim record "
                 "(retrieval_heads.kvcache.simulate writes them)"
             )
-        key = (str(p["selection"]), int(p["n_full_kv_heads"]), p.get("sink"), p.get("window"))
-        groups[key][p.get("draw", 0)].append(record)
+        groups[(c.selection, c.k, c.sink, c.window)][c.draw].append(record)
     order = {"none": 0, "top": 1, "random": 2, "uniform": 3}
     points = []
     for (selection, k, sink, window), draws in groups.items():

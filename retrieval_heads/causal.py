@@ -36,8 +36,10 @@ Choices, all explicit and recorded in every record's ``params`` and in the resul
   SHA-256-seeded ``random.Random``, :func:`~retrieval_heads.seeding.seeded_rng`);
 - an ablated record's trial id is ``"<trial id>|<selection>|k=<K>|draw=<d>"``, so one results
   directory holds every condition and a rerun resumes where it stopped;
-- records carry ``k``, ``selection``, ``draw``, ``mode``, ``phase``, ``ablated`` (``"L.H"``
-  labels), ``task`` and ``answer_class`` (:func:`~retrieval_heads.grading.classify_failure`
+- records carry their condition as a typed
+  :class:`~retrieval_heads.conditions.HeadAblation` (``k``, ``selection``, ``draw``, ``heads``
+  as ``"L.H"`` labels, ``mode``, ``phase``, the id's ``tag``), and in ``params`` their
+  ``task`` and ``answer_class`` (:func:`~retrieval_heads.grading.classify_failure`
   with the prompt's context, so ``in_context`` is possible), plus the mode's extras
   (``blocked``, ``resample_from``, ``mean_reference``);
 - grading: NIAH trials as in detection (ROUGE-1 recall >= 0.5, the paper's criterion); facts by
@@ -60,6 +62,7 @@ import torch
 from torch import Tensor
 
 from retrieval_heads import analysis, patching, selection
+from retrieval_heads.conditions import HeadAblation
 from retrieval_heads.grading import FAILURE_KINDS, classify_failure, exact_match, grade
 from retrieval_heads.heads import Head, parse_heads
 from retrieval_heads.interventions import (
@@ -74,10 +77,10 @@ from retrieval_heads.interventions import (
 )
 from retrieval_heads.model import HookedModel
 from retrieval_heads.records import TrialRecord
+from retrieval_heads.runner import Unit, model_info, model_name, run_sweep
 from retrieval_heads.scores import HeadScores
 from retrieval_heads.scoring import (
     ANSWER_ROOM,
-    SCORERS,
     DecodeConfig,
     HooksFor,
     check_lengths,
@@ -92,8 +95,7 @@ from retrieval_heads.selection import (
     plan_conditions,
     top_heads,
 )
-from retrieval_heads.sharding import Shard, shard_dir, shard_meta
-from retrieval_heads.store import ResultsDir
+from retrieval_heads.sharding import Shard
 from retrieval_heads.trials.trial import Trial
 
 __all__ = [
@@ -301,8 +303,8 @@ def answer_trial(
     """Greedily answer a trial and grade it, without scoring heads.
 
     For trials whose answer is not copied from a needle (memorised facts: ``needles=()``),
-    where a retrieval score means nothing; the record's score tables are zeros and it has no
-    copy events. Decoding is :func:`~retrieval_heads.scoring.greedy_decode`, as in
+    where a retrieval score means nothing; the record has no head scores (``scores`` is empty)
+    and no copy events. Decoding is :func:`~retrieval_heads.scoring.greedy_decode`, as in
     ``score_trial`` (the last prompt token is fed as the first decode step; stop at EOS or a
     stop string), so ablation hooks act on exactly the same steps. Grading depends on ``params["task"]`` (see the module docstring).
     """
@@ -320,7 +322,6 @@ def answer_trial(
     )
     text = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
     passed, recall = _grade(trial, text, config)
-    zeros = [[0.0] * model.n_heads for _ in range(model.n_layers)]
     params = dict(trial.params)
     params.update(
         context_length=trial.context_length,
@@ -336,7 +337,7 @@ def answer_trial(
         passed=passed,
         recall=recall,
         reason=None if passed else classify_failure(text, trial.answer, stopped_by=stopped_by),
-        scores={name: zeros for name in SCORERS},
+        scores={},
         copy_events=[],
         n_layers=model.n_layers,
         n_heads=model.n_heads,
@@ -399,34 +400,23 @@ def _run_trial(
     params.update(
         task=task,
         base_trial_id=trial.trial_id,
-        k=condition.k,
-        selection=condition.selection,
-        draw=condition.draw,
-        mode=mode,
-        phase=phase,
-        ablated=[h.dotted for h in condition.heads],
         answer_class=answer_class,
         exact=exact_match(record.generated_text, trial.answer),
-        condition=tag or condition.tag,
         **extras(trial),
         **dict(extra_params or {}),
     )
-    if condition.note:
-        params["selection_note"] = condition.note
+    ablation = HeadAblation.of(condition, mode, phase, tag)
     return dataclasses.replace(
         record,
-        trial_id=f"{trial.trial_id}|{tag or condition.tag}",
+        trial_id=f"{trial.trial_id}|{ablation.tag}",
         params=params,
         reason=None if answer_class == "correct" else answer_class,
+        condition=ablation,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # NIAH under ablation
-
-
-def _model_name(model: HookedModel) -> str:
-    return getattr(model, "name", None) or type(model.hf_model).__name__
 
 
 def _trials_digest(trials: Sequence[Trial]) -> str:
@@ -463,92 +453,6 @@ def _mean_reference(
     reference = list(trials[:n_reference])
     value = mean_head_z(model, [list(t.input_ids) for t in reference], positions="all")
     return value, {"mean_reference": [t.trial_id for t in reference]}
-
-
-class _Runner:
-    """Runs conditions over trials into an optional results directory, with progress."""
-
-    def __init__(
-        self,
-        model: HookedModel,
-        trials: Sequence[Trial],
-        *,
-        mode: str,
-        phase: str,
-        config: DecodeConfig,
-        mean_z: Tensor | None,
-        run: ResultsDir | None,
-        total: int,
-        progress: bool,
-        shard: Shard | None = None,
-    ) -> None:
-        self.model = model
-        self.trials = list(trials)
-        self.mode = mode
-        self.phase = phase
-        self.config = config
-        self.mean_z = mean_z
-        self.run = run
-        self.shard = shard
-        self.records: list[TrialRecord] = []
-        self.recordings = _Recordings(model, config)
-        self.bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="ablation trials", unit="trial")
-
-    def condition(
-        self,
-        condition: Condition,
-        tag: str | None = None,
-        extra: Mapping[str, Any] | None = None,
-        position: int = 0,
-    ) -> None:
-        """Run ``condition`` over the trials; ``position`` is the condition's index in the sweep
-        (a shard owns the (condition, trial) units at ``position * n_trials + trial index``)."""
-        done = self.run.done_ids() if self.run is not None else frozenset()
-        first = position * len(self.trials)
-        mine = [
-            t for i, t in enumerate(self.trials) if self.shard is None or self.shard.owns(first + i)
-        ]
-        todo = [t for t in mine if f"{t.trial_id}|{tag or condition.tag}" not in done]
-        if self.bar is not None:
-            self.bar.update(len(mine) - len(todo))
-        if not todo:
-            return
-        hooks, extras = ablation_hooks(
-            self.model,
-            condition.heads,
-            self.mode,
-            phase=self.phase,
-            trials=self.trials,
-            mean_z=self.mean_z,
-            config=self.config,
-            _recordings=self.recordings,
-        )
-        for trial in todo:
-            record = _run_one(
-                self.model,
-                trial,
-                condition,
-                mode=self.mode,
-                phase=self.phase,
-                config=self.config,
-                hooks=hooks,
-                extras=extras,
-                tag=tag,
-                extra_params=extra,
-            )
-            if self.run is not None:
-                self.run.append(record)
-            self.records.append(record)
-            if self.bar is not None:
-                self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _run_one(model: HookedModel, trial: Trial, condition: Condition, **kwargs: Any) -> TrialRecord:
@@ -645,10 +549,7 @@ def _execute(
     kind: str = "ablate",
     shard: Shard | None = None,
 ) -> list[TrialRecord]:
-    began = time.perf_counter()
-    total = len(conditions) * len(trials)
-    if shard is not None and out is None:
-        raise ValueError("a sharded ablation needs out=: shards are merged from disk")
+    """Plan every (condition, trial) unit, condition-major, and run them with the runner."""
     # What would fail on the first trial fails here, before a results directory is made: a
     # directory made for a run that cannot run would refuse the corrected rerun.
     check_lengths(model, trials)
@@ -656,43 +557,53 @@ def _execute(
         ablation_hooks(
             model, condition.heads, mode, phase=phase, trials=trials, mean_z=mean_z, config=config
         )
+    recordings = _Recordings(model, config)
+    built: dict[int, tuple[HooksFor | None, Callable[[Trial], dict[str, Any]]]] = {}
 
-    def go(run: ResultsDir | None) -> _Runner:
-        runner = _Runner(
+    def run_unit(unit: Unit) -> TrialRecord:
+        position, condition = unit.condition
+        if position not in built:  # a condition's hooks, built when its first unit runs
+            built[position] = ablation_hooks(
+                model,
+                condition.heads,
+                mode,
+                phase=phase,
+                trials=trials,
+                mean_z=mean_z,
+                config=config,
+                _recordings=recordings,
+            )
+        hooks, extras = built[position]
+        return _run_one(
             model,
-            trials,
+            unit.item,
+            condition,
             mode=mode,
             phase=phase,
             config=config,
-            mean_z=mean_z,
-            run=run,
-            total=total if shard is None else len(shard.positions(total)),
-            progress=progress,
-            shard=shard,
+            hooks=hooks,
+            extras=extras,
+            tag=tag,
+            extra_params=extra,
         )
-        try:
-            for position, condition in enumerate(conditions):
-                runner.condition(condition, tag, extra, position)
-        finally:
-            runner.close()
-        return runner
 
-    if out is None:
-        return go(None).records
-    path, shard_extra = out, None
-    if shard is not None:  # its share only, into OUT/shards/<i>-of-<N>/ for merge
-        path, shard_extra = shard_dir(out, shard), shard_meta(shard, total)
-    with ResultsDir(
-        path,
-        model=_model_name(model),
-        config=run_config,
+    units = [
+        Unit(f"{t.trial_id}|{tag or condition.tag}", t, (position, condition))
+        for position, condition in enumerate(conditions)
+        for t in trials
+    ]
+    return run_sweep(
+        units,
+        run_unit,
+        out=out,
+        model=model_name(model),
         kind=kind,
+        config=run_config,
         seed=seed,
-        extra_meta=shard_extra,
-    ) as run:
-        go(run)
-        run.finalize(timing={"wall_s": round(time.perf_counter() - began, 3)})
-        return run.records()
+        extra_meta=model_info(model),
+        shard=shard,
+        progress="ablation trials" if progress else False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,9 +727,11 @@ def answer_classes(
     order: list[tuple] = []
     for r in records:
         p = r.params
-        label = f"{p.get('selection', 'none')} k={p.get('k', 0)}"
+        c = r.condition if isinstance(r.condition, HeadAblation) else None
+        selection, k, draw = (c.selection, c.k, c.draw) if c else ("none", 0, 0)
+        label = f"{selection} k={k}"
         if by_draw:
-            label += f" draw={p.get('draw', 0)}"
+            label += f" draw={draw}"
         if len(tasks) > 1:
             label = f"{p.get('task', 'niah')}: {label}"
         cls = p.get("answer_class") or (
@@ -833,9 +746,9 @@ def answer_classes(
             order.append(
                 (
                     p.get("task", "niah"),
-                    int(p.get("k", 0)),
-                    str(p.get("selection")),
-                    p.get("draw", 0) if by_draw else 0,
+                    k,
+                    selection,
+                    draw if by_draw else 0,
                     label,
                 )
             )

@@ -536,10 +536,6 @@ def question_promptings(question: Question, prompting: Sequence[str]) -> list[st
     return [p for p in prompting if p in own]
 
 
-def _zeros(model: Any) -> list[list[float]]:
-    return [[0.0] * model.n_heads for _ in range(model.n_layers)]
-
-
 def run(
     model: Any,
     questions: Sequence[Question],
@@ -570,10 +566,11 @@ def run(
     resumable results directory (``kind="cot"``); a rerun skips the records already there.
     """
     from retrieval_heads import analysis
+    from retrieval_heads.conditions import HeadAblation
     from retrieval_heads.interventions import ablate
     from retrieval_heads.records import TrialRecord
+    from retrieval_heads.runner import Unit, run_sweep
     from retrieval_heads.selection import plan_conditions
-    from retrieval_heads.store import ResultsDir
 
     if mode not in ("uniform", "zero"):
         raise ValueError(f"mode must be 'uniform' or 'zero' (needle-free modes), got {mode!r}")
@@ -621,15 +618,23 @@ def run(
         "notes": notes,
     }
     name = getattr(model, "name", None) or "model"
-    records: list[TrialRecord] = []
+    built: dict[int, tuple[list, list]] = {}
 
-    def one(q: Question, p: str, condition: Any, hooks: tuple[list, list]) -> TrialRecord:
+    def run_unit(unit: Unit) -> TrialRecord:
+        (q, p), (position, condition) = unit.item, unit.condition
+        if position not in built:  # a condition's hooks, built when its first unit runs
+            hooks: tuple[list, list] = ([], [])
+            if condition.heads:
+                ablation = ablate(model, list(condition.heads), mode, phase=phase)  # type: ignore[arg-type]  # checked by ablate
+                hooks = (ablation.prefill_hooks(model), ablation.decode_hooks(model))
+            built[position] = hooks
+        prefill_hooks, decode_hooks = built[position]
         began = time.perf_counter()
         gen = generate(
             model,
             prompts[(q.id, p)],
-            prefill_hooks=hooks[0],
-            hooks=hooks[1],
+            prefill_hooks=prefill_hooks,
+            hooks=decode_hooks,
             max_new_tokens=budgets[p],
             stop_strings=DIRECT_STOPS if p == "direct" else COT_STOPS,
         )
@@ -639,22 +644,14 @@ def run(
             "question_id": q.id,
             "kind": q.kind,
             "prompting": p,
-            "k": condition.k,
-            "selection": condition.selection,
-            "draw": condition.draw,
-            "mode": mode,
-            "phase": phase,
-            "ablated": [h.dotted for h in condition.heads],
             "extracted": verdict.extracted,
             "score": verdict.score,
             "grade_reason": verdict.reason,
             "prompt_tokens": len(prompts[(q.id, p)]),
             "stopped_by": gen.stopped_by,
         }
-        if condition.note:
-            params["selection_note"] = condition.note
         return TrialRecord(
-            trial_id=f"{q.id}|{p}|{condition.tag}",
+            trial_id=unit.record_id,
             params=params,
             expected=" | ".join(q.answers),
             generated_ids=list(gen.ids),
@@ -662,49 +659,31 @@ def run(
             passed=verdict.passed,
             recall=float(verdict.score),
             reason=None if verdict.passed else verdict.reason,
-            scores={"retrieval": _zeros(model)},
+            scores={},  # no head scores: nothing is copied from a context
             copy_events=[],
             n_layers=model.n_layers,
             n_heads=model.n_heads,
             elapsed_s=round(time.perf_counter() - began, 4),
+            condition=HeadAblation.of(condition, mode, phase),
         )
 
-    def go(results: Any) -> None:
-        done = results.done_ids() if results is not None else frozenset()
-        total = len(conditions) * sum(len(w) for w in ways.values())
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="cot", unit="answer", initial=len(done))
-        for condition in conditions:
-            hooks: tuple[list, list] = ([], [])
-            if condition.heads:
-                ablation = ablate(model, list(condition.heads), mode, phase=phase)  # type: ignore[arg-type]  # checked by ablate
-                hooks = (ablation.prefill_hooks(model), ablation.decode_hooks(model))
-            for q in questions:
-                for p in ways[q.id]:
-                    if f"{q.id}|{p}|{condition.tag}" in done:
-                        continue
-                    record = one(q, p, condition, hooks)
-                    records.append(record)
-                    if results is not None:
-                        results.append(record)
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-
-    if out is None:
-        go(None)
-        final = records
-    else:
-        with ResultsDir(
-            out, model=name, config=config, kind="cot", seed=seed, overwrite=overwrite
-        ) as results:
-            go(results)
-            results.finalize()
-            final = results.records()
+    units = [
+        Unit(f"{q.id}|{p}|{condition.tag}", (q, p), (position, condition))
+        for position, condition in enumerate(conditions)
+        for q in questions
+        for p in ways[q.id]
+    ]
+    final = run_sweep(
+        units,
+        run_unit,
+        out=out,
+        model=name,
+        kind="cot",
+        config=config,
+        seed=seed,
+        overwrite=overwrite,
+        progress="cot" if progress else False,
+    )
     return CotRun(final, summarize(final), conditions, notes)
 
 

@@ -25,7 +25,8 @@ would have over an evicted cache.
   random KV heads (seeded draws), and for uniform windowing of every head at several windows;
   plus the uncompressed baseline. Records are the scorer's own
   (:func:`~retrieval_heads.scoring.score_trial`), so each carries its grade and the head scores
-  under compression, with the condition in ``params``.
+  under compression, with the condition as a typed
+  :class:`~retrieval_heads.conditions.KVWindow`.
 - Export (:func:`export_heads`): the chosen full-attention heads in DuoAttention's layout, a
   ``layers x kv_heads`` tab-separated matrix of values in [0, 1] with a ``config.json`` holding
   ``sink_size`` and ``recent_size`` (what ``duo_attn.utils.load_attn_pattern`` reads), and as a
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,15 +45,16 @@ from typing import Any, Literal
 import numpy as np
 
 from retrieval_heads import analysis
+from retrieval_heads.conditions import KVWindow
 from retrieval_heads.files import atomic_write_text
 from retrieval_heads.interventions import window_hooks
 from retrieval_heads.model import HookedModel
 from retrieval_heads.records import TrialRecord
+from retrieval_heads.runner import Unit, model_info, model_name, run_sweep
 from retrieval_heads.scores import HeadScores, group_kv_heads
 from retrieval_heads.scoring import DecodeConfig, check_lengths, score_trial
 from retrieval_heads.seeding import seeded_rng
-from retrieval_heads.sharding import Shard, shard_dir, shard_meta
-from retrieval_heads.store import ResultsDir
+from retrieval_heads.sharding import Shard
 from retrieval_heads.trials.trial import Trial
 
 __all__ = [
@@ -240,6 +241,21 @@ class KVCondition:
             f"|draw={self.draw}"
         )
 
+    def record_condition(self) -> KVWindow:
+        """The typed condition its records carry."""
+        d = self.to_dict()
+        full = d["full_kv_heads"]
+        return KVWindow(
+            selection=self.selection,
+            k=self.k,
+            draw=self.draw,
+            sink=d["sink"],
+            window=d["window"],
+            phase=d["phase"],
+            full_kv_heads="all" if full == "all" else tuple(full),
+            tag=self.tag,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         policy = self.policy
         return {
@@ -344,9 +360,9 @@ def simulate(
     """Answer ``trials`` under every condition of :func:`plan_kv_conditions`.
 
     ``scores``: the retrieval scores of ``model`` (``[layer, head]``), from which the KV heads
-    are ranked. Each record's id is ``"<trial id>|<condition tag>"`` and its ``params`` hold
-    ``selection``, ``n_full_kv_heads``, ``draw``, ``sink``, ``window``, ``phase``,
-    ``kv_share`` and ``full_kv_heads``. With ``out``, records go to a results directory
+    are ranked. Each record's id is ``"<trial id>|<condition tag>"``, its ``condition`` a
+    :class:`~retrieval_heads.conditions.KVWindow` (``selection``, ``k`` full KV heads, ``draw``,
+    ``sink``, ``window``, ``phase``, ``full_kv_heads``) and its ``params`` add ``kv_share``. With ``out``, records go to a results directory
     (``kind="kv-sim"``; atomic, resumable) and the sweep's records are all of it. With
     ``shard`` (and ``out``) only the shard's share of the (condition, trial) pairs runs,
     condition-major, into ``out/shards/<i>-of-<N>/`` (:mod:`retrieval_heads.sharding`; merge
@@ -386,37 +402,22 @@ def simulate(
         "conditions": [c.to_dict() for c in conditions],
     }
     sweep = KVSweep(conditions, kv_scores)
-    began = time.perf_counter()
-    units = [(c, t) for c in conditions for t in trials]  # condition-major: the shards' order
-    if out is None:
-        if shard is not None:
-            raise ValueError("a sharded simulation needs out=: shards are merged from disk")
-        sweep.records = list(_run(model, units, config, set(), progress))
-        return sweep
-    describe = getattr(model, "describe", None)
-    path, extra = Path(out), {"model_info": describe()} if describe else {}  # never compared
-    if shard is not None:
-        path, extra = shard_dir(out, shard), shard_meta(shard, len(units)) | extra
-        units = [units[p] for p in shard.positions(len(units))]
-    name = getattr(model, "name", None) or type(model.hf_model).__name__
-    with ResultsDir(
-        path, model=name, config=run_config, kind="kv-sim", seed=seed, extra_meta=extra
-    ) as run:
-        for record in _run(model, units, config, run.done_ids(), progress):
-            run.append(record)
-        run.finalize(timing={"wall_s": round(time.perf_counter() - began, 3)})
-        sweep.records = run.records()
+    units = [  # condition-major: the shards' order
+        Unit(f"{t.trial_id}|{c.tag}", t, c) for c in conditions for t in trials
+    ]
+    sweep.records = run_sweep(
+        units,
+        lambda unit: _run_trial(model, unit.item, unit.condition, config),
+        out=out,
+        model=model_name(model),
+        kind="kv-sim",
+        config=run_config,
+        seed=seed,
+        extra_meta=model_info(model),
+        shard=shard,
+        progress="kv-sim trials" if progress else False,
+    )
     return sweep
-
-
-def _run(model, units, config, done, progress):
-    todo = [(c, t) for c, t in units if f"{t.trial_id}|{c.tag}" not in done]
-    if progress:
-        from tqdm.auto import tqdm
-
-        todo = tqdm(todo, desc="kv-sim trials", unit="trial")
-    for condition, trial in todo:
-        yield _run_trial(model, trial, condition, config)
 
 
 def _run_trial(
@@ -431,14 +432,13 @@ def _run_trial(
         else policy.kv_share(model.n_layers, model.n_kv_heads, length, model.layer_windows())
     )
     params = dict(record.params)
-    params.update(
-        base_trial_id=trial.trial_id,
-        condition=condition.tag,
-        n_full_kv_heads=condition.k,
-        kv_share=round(share, 6),
-        **{k: v for k, v in condition.to_dict().items() if k != "k"},
+    params.update(base_trial_id=trial.trial_id, kv_share=round(share, 6))
+    return dataclasses.replace(
+        record,
+        trial_id=f"{trial.trial_id}|{condition.tag}",
+        params=params,
+        condition=condition.record_condition(),
     )
-    return dataclasses.replace(record, trial_id=f"{trial.trial_id}|{condition.tag}", params=params)
 
 
 # ---------------------------------------------------------------------------------------------

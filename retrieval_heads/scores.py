@@ -153,10 +153,19 @@ class HeadScores:
         seed: int = 0,
         confidence: float = 0.95,
     ) -> HeadScores:
-        """Stack one scorer's tables from records (sorted by trial id, so order never matters)."""
-        records = sorted(records, key=lambda r: r.trial_id)
+        """Stack one scorer's tables from records (sorted by trial id, so order never matters).
+
+        Records without head scores (chain of thought, memorised facts, chains: their
+        ``scores`` are empty) are left out; a record that has head scores but not ``scorer``
+        is an error."""
+        given = list(records)
+        records = sorted((r for r in given if r.scores), key=lambda r: r.trial_id)
         if not records:
-            raise ResultsError("no trial records to build head scores from")
+            raise ResultsError(
+                "no trial records with head scores to build head scores from"
+                if given
+                else "no trial records to build head scores from"
+            )
         shape = (records[0].n_layers, records[0].n_heads)
         tables = []
         for record in records:

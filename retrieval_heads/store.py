@@ -63,7 +63,7 @@ from retrieval_heads.published import import_published
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scores import HeadScores
 
-__all__ = ["ResultsDir", "load_records", "read_meta", "load_results"]
+__all__ = ["ResultsDir", "load_records", "read_meta", "load_results", "load_run"]
 
 
 def _quote_id(trial_id: str) -> str:
@@ -349,7 +349,8 @@ class ResultsDir:
     ) -> HeadScores | None:
         """Write ``trials.jsonl`` (sorted by id) and ``head_scores.json``, update ``meta.json``.
 
-        Returns the retrieval :class:`HeadScores` (``None`` when there are no trials). Safe to
+        Returns the retrieval :class:`HeadScores` (``None`` when no trial has head scores: then
+        no ``head_scores.json`` is written). Safe to
         call again, and safe to be killed in: the per-trial files are removed only after the
         merged ``trials.jsonl`` is in place.
         """
@@ -358,7 +359,7 @@ class ResultsDir:
         text = "".join(r.to_json() + "\n" for r in records)
         atomic_write_text(self.path / TRIALS_FILE, text)
         scores = None
-        if records:
+        if any(r.scores for r in records):  # chain-of-thought runs have no head scores
             scores = HeadScores.from_records(records, "retrieval", **bootstrap)
             atomic_write_text(self.path / SCORES_FILE, scores.to_json())
         if not keep_trial_files:
@@ -442,21 +443,39 @@ def load_results(path: str | Path) -> tuple[dict[str, Any], HeadScores, list[Tri
 
     ``path`` may be a results directory, a ``head_scores.json`` (project format), a published
     ``{"L-H": [...]}`` score file, or a ``trials.jsonl``; the format is detected. For single
-    files ``meta`` says what was read and the record list may be empty.
+    files ``meta`` says what was read and the record list may be empty. A folder whose records
+    have no head scores (a chain-of-thought run) raises :class:`ResultsError`; use
+    :func:`load_run` to read any folder.
     """
+    meta, scores, records = load_run(path)
+    if scores is None:
+        raise ResultsError(
+            f"results directory {path} ({meta.get('kind', 'a run')}) holds no head scores: its "
+            "records answer questions without copying from a context. Pass a detection's "
+            "results directory"
+        )
+    return meta, scores, records
+
+
+def load_run(path: str | Path) -> tuple[dict[str, Any], HeadScores | None, list[TrialRecord]]:
+    """As :func:`load_results`, for any results: the head scores are ``None`` when the
+    records have none (a chain-of-thought run)."""
     path = Path(path)
     if path.is_dir():
         meta_path = path / META_FILE
         meta = _read_json(meta_path, "results metadata") if meta_path.exists() else {}
         records = load_records(path)
         scores_path = path / SCORES_FILE
-        if scores_path.exists():
+        scored = [r for r in records if r.scores]
+        scores: HeadScores | None
+        if records and not scored:
+            scores = None  # an older version wrote a table of zeros for them: not scores
+        elif scores_path.exists():
             scores = HeadScores.load(scores_path)
-            stored = set(scores.trial_ids)
-            if stored != {r.trial_id for r in records}:
-                scores = HeadScores.from_records(records) if records else scores
+            if set(scores.trial_ids) != {r.trial_id for r in scored}:
+                scores = HeadScores.from_records(scored) if scored else scores
         elif records:
-            scores = HeadScores.from_records(records)
+            scores = HeadScores.from_records(scored)
         else:
             raise ResultsError(f"results directory {path} holds no trials and no {SCORES_FILE}")
         return meta, scores, records

@@ -7,24 +7,24 @@ It runs no ablation and computes no summary (``analysis.summarise_k_sweep`` does
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from retrieval_heads import analysis
+from retrieval_heads.conditions import HeadAblation
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.views import figures
 from retrieval_heads.views._html import esc
 from retrieval_heads.views._report_page import _has_grid, _Page, _summary_table
 from retrieval_heads.views._report_results import ResultSet
 
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
 
 def _k(record: TrialRecord) -> int:
-    try:
-        return int(record.params.get("k", 0))
-    except (TypeError, ValueError):
-        return 0
+    c = record.condition
+    return c.k if isinstance(c, HeadAblation) else 0
+
+
+def _selection(record: TrialRecord) -> str:
+    c = record.condition
+    return c.selection if isinstance(c, HeadAblation) else "none"
 
 
 def _conditions(records: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]:
@@ -32,7 +32,7 @@ def _conditions(records: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]:
     groups: dict[tuple[int, str], list[TrialRecord]] = {}
     for r in records:
         k = _k(r)
-        sel = "baseline" if k == 0 else str(r.params.get("selection", "ablated"))
+        sel = "baseline" if k == 0 else _selection(r)
         groups.setdefault((k, sel), []).append(r)
     order = sorted(groups, key=lambda ks: (ks[0], ks[1] != "top", ks[1]))
     return {("baseline" if k == 0 else f"{sel} K={k}"): groups[(k, sel)] for k, sel in order}
@@ -46,13 +46,13 @@ def _niah_panels(records: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]
     if base:
         panels["baseline (no ablation)"] = base
     if ablated:
-        top = [r for r in ablated if r.params.get("selection") == "top"]
+        top = [r for r in ablated if _selection(r) == "top"]
         pool = top or ablated
         k_max = max(_k(r) for r in pool)
-        sel = "top" if top else str(pool[0].params.get("selection", "ablated"))
+        sel = "top" if top else _selection(pool[0])
         panels[f"{sel} K={k_max} ablated"] = [r for r in pool if _k(r) == k_max]
         if top:
-            rand = [r for r in ablated if r.params.get("selection") == "random" and _k(r) == k_max]
+            rand = [r for r in ablated if _selection(r) == "random" and _k(r) == k_max]
             if rand:
                 panels[f"random K={k_max} ablated"] = rand
     return panels

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from retrieval_heads import analysis
+from retrieval_heads.conditions import KVWindow
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.views import figures
 from retrieval_heads.views._report_page import _has_grid, _Page, _summary_table
@@ -44,12 +45,18 @@ def _kv_section(page: _Page, rs: ResultSet) -> str:
         return [
             r
             for r in rs.records
-            if r.params.get("selection") == p.selection
-            and r.params.get("n_full_kv_heads") == p.k
-            and r.params.get("window") == p.window
+            if isinstance(r.condition, KVWindow)
+            and (r.condition.selection, r.condition.k, r.condition.window)
+            == (p.selection, p.k, p.window)
         ]
 
-    panels = {"full cache": [r for r in rs.records if r.params.get("selection") == "none"]}
+    panels = {
+        "full cache": [
+            r
+            for r in rs.records
+            if isinstance(r.condition, KVWindow) and r.condition.selection == "none"
+        ]
+    }
     panels[f"top {chosen.k} KV heads full ({chosen.kv_share:.0%} kept)"] = select(chosen)
     for selection in ("random", "uniform"):
         near = [p for p in points if p.selection == selection]

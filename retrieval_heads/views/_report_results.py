@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval_heads.conditions import HeadAblation, KVWindow
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.scores import HeadScores
-from retrieval_heads.store import load_results
+from retrieval_heads.store import load_run
 from retrieval_heads.views._layers import layer_windows_from_meta, layer_windows_from_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,10 +35,17 @@ class ResultSet:
 
     path: Path
     meta: dict[str, Any]
-    scores: HeadScores
+    head_scores: HeadScores | None  # None: records without head scores (chain of thought)
     records: list[TrialRecord]
     label: str = ""
     index: int = 0
+
+    @property
+    def scores(self) -> HeadScores:
+        """The run's head scores (a run without them, chain of thought, never asks)."""
+        if self.head_scores is None:
+            raise ValueError(f"{self.path} holds no head scores ({self.kind} run)")
+        return self.head_scores
 
     @property
     def model(self) -> str:
@@ -50,15 +58,19 @@ class ResultSet:
         kind = self.meta.get("kind")
         if kind:
             return str(kind)
-        if any("k" in r.params for r in self.records):
+        if any(isinstance(r.condition, HeadAblation) for r in self.records):
             return "ablate"
+        if any(isinstance(r.condition, KVWindow) for r in self.records):
+            return "kv-sim"
         return "detect" if self.records else str(self.meta.get("format", "scores"))
 
     @property
     def is_ablation(self) -> bool:
         if self.is_kv_sim:
             return False
-        return self.kind == "ablate" or any("k" in r.params for r in self.records)
+        return self.kind == "ablate" or any(
+            isinstance(r.condition, HeadAblation) for r in self.records
+        )
 
     @property
     def is_kv_sim(self) -> bool:
@@ -67,7 +79,7 @@ class ResultSet:
 
 def load_result_set(path: str | Path, index: int = 0) -> ResultSet:
     path = Path(path)
-    meta, scores, records = load_results(path)
+    meta, scores, records = load_run(path)
     rs = ResultSet(path, dict(meta), scores, list(records), index=index)
     rs.label = f"{rs.model} ({rs.kind})"
     return rs

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval_heads.conditions import HeadAblation
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.store import ResultsDir
 
@@ -44,6 +45,7 @@ def _record(
     expected: str,
     generated: str,
     extra_scorer: str | None = None,
+    condition: HeadAblation | None = None,
 ) -> TrialRecord:
     n_layers, n_heads = table.shape
     # per trial: each head copies round(score * answer tokens) of them (noisy)
@@ -74,6 +76,7 @@ def _record(
         n_layers=n_layers,
         n_heads=n_heads,
         elapsed_s=float(rng.uniform(0.1, 0.5)),
+        condition=condition,
     )
 
 
@@ -164,7 +167,7 @@ def write_ablation(
                 for depth in depths:
                     p_pass = max(0.02, 0.95 - 0.15 * length / max(lengths) - drop)
                     passed = bool(rng.random() < p_pass)
-                    params: dict[str, Any] = {"k": k, "selection": selection, "draw": draw}
+                    params: dict[str, Any] = {}
                     if task in (None, "niah"):
                         params.update(context_length=length, depth_percent=depth)
                     if task is not None:
@@ -183,8 +186,19 @@ def write_ablation(
                     tid = f"k{k:03d}-{selection}-d{draw}-L{length}-p{int(depth):03d}"
                     if task is not None:
                         tid = f"{task}-{tid}"
+                    tag = f"{selection}|k={k}|draw={draw}"
+                    condition = HeadAblation(k, selection, draw, (), "uniform", "decode", tag)
                     run.append(
-                        _record(rng, tid, params, table, passed, expected=answer, generated=answer)
+                        _record(
+                            rng,
+                            tid,
+                            params,
+                            table,
+                            passed,
+                            expected=answer,
+                            generated=answer,
+                            condition=condition,
+                        )
                     )
         run.finalize()
     return Path(path)

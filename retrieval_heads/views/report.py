@@ -13,7 +13,7 @@ result set: a header (model, kind, config, seed, package versions, commit, dates
   cropped context, per top head (their input ids come from ``trials``, else are rebuilt from
   the records). Per-head heatmaps mark global and sliding-window layers when the run recorded
   ``meta["extra"]["model_info"]["layer_windows"]`` (or the model reports them);
-- ablation runs (``meta["kind"] == "ablate"``, or records with ``params["k"]``): NIAH grids of
+- ablation runs (``meta["kind"] == "ablate"``, or records with a head-ablation condition): NIAH grids of
   the baseline and the ablated runs side by side, the K-sweep (figure and table), answer-class
   shares when records carry ``params["answer_class"]`` (or another of
   :data:`~retrieval_heads.views.figures.ANSWER_CLASS_KEYS`);

@@ -15,6 +15,7 @@ import pytest
 
 from retrieval_heads import Head, causal
 from retrieval_heads.analysis import summarise_k_sweep as summarise
+from retrieval_heads.conditions import HeadAblation
 from retrieval_heads.patching import patching_pairs
 from retrieval_heads.scoring import detect
 from retrieval_heads.selection import (
@@ -30,7 +31,7 @@ from retrieval_heads.tiny.trials import tiny_grid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PARAMS = ("k", "selection", "draw", "mode", "phase", "ablated", "answer_class", "task")
+PARAMS = ("answer_class", "task", "base_trial_id", "exact")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,12 +170,15 @@ def test_top_k_ablation_breaks_niah_random_k_does_not(niah_runs):
     # every record says what was done to it
     for records, selection in ((base, "none"), (top, "top"), (rand, "random")):
         for r in records:
-            assert all(key in r.params for key in PARAMS)
-            assert r.params["selection"] == selection and r.params["mode"] == "uniform"
-            assert r.params["phase"] == "decode" and r.params["draw"] == 0
-            assert r.params["k"] == len(r.params["ablated"])
-            assert r.trial_id == f"{r.params['base_trial_id']}|{selection}|k={r.params['k']}|draw=0"
-    assert [r.params["ablated"] for r in top[:1]] == [["2.0", "2.1", "2.4", "2.5", "2.6", "2.7"]]
+            c = r.condition
+            assert all(key in r.params for key in PARAMS) and isinstance(c, HeadAblation)
+            assert c.selection == selection and c.mode == "uniform"
+            assert c.phase == "decode" and c.draw == 0
+            assert c.k == len(c.heads)
+            assert r.trial_id == f"{r.params['base_trial_id']}|{selection}|k={c.k}|draw=0"
+    assert [list(r.condition.heads) for r in top[:1]] == [
+        ["2.0", "2.1", "2.4", "2.5", "2.6", "2.7"]
+    ]
     shares = causal.answer_classes(base + top + rand)
     assert shares["none k=0"]["correct"] >= 11 / 12
     assert shares["top k=6"]["correct"] == pytest.approx(accuracy(top))
@@ -228,7 +232,7 @@ def test_other_modes_run_and_record_their_choices(tiny_model, niah, scores, mode
     )
     assert len(records) == len(trials)
     for r in records:
-        assert r.params["mode"] == mode and r.params["phase"] == phase
+        assert r.condition.mode == mode and r.condition.phase == phase
     if mode == "knockout":
         spans = [list(t.target.span) for t in trials]
         assert [r.params["blocked"] for r in records] == [[s] for s in spans]

@@ -171,12 +171,8 @@ def test_simulate_records_shares_and_resumes(tiny_sweep):
     model, trials, scores, out, sweep = tiny_sweep
     # baseline, top K=0 (= uniform 4+16), top K=3, random K=3
     assert len(sweep.records) == 4 * len(trials)
-    by_tag = {r.params["condition"]: r for r in sweep.records}
-    top3 = next(
-        r
-        for r in sweep.records
-        if r.params["selection"] == "top" and r.params["n_full_kv_heads"] == 3
-    )
+    by_tag = {r.condition.tag: r for r in sweep.records}
+    top3 = next(r for r in sweep.records if (r.condition.selection, r.condition.k) == ("top", 3))
     length = len(trials[0].input_ids)
     assert top3.params["kv_share"] == pytest.approx(
         (3 * length + 29 * 20) / (32 * length), abs=1e-6

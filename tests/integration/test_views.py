@@ -135,7 +135,7 @@ def test_histogram_uses_paper_bins_on_a_log_axis(results_root):
 
 def test_niah_grid_and_side_by_side_panels(results_root):
     records = load_results(results_root["ablate"])[2]
-    base = [r for r in records if r.params["k"] == 0]
+    base = [r for r in records if r.condition.k == 0]
     xs, ys, values, counts = niah_grid(base)
     assert xs == [1000, 2000, 4000, 8000] and ys == [0.0, 33.0, 67.0, 100.0]
     r = base[0]
@@ -148,7 +148,7 @@ def test_niah_grid_and_side_by_side_panels(results_root):
     ]
     assert counts[i, j] == len(cell)
     assert values[i, j] == pytest.approx(np.mean([b.passed for b in cell]))
-    top = [r for r in records if r.params["k"] == 20 and r.params["selection"] == "top"]
+    top = [r for r in records if (r.condition.k, r.condition.selection) == (20, "top")]
     fig = niah_heatmap({"baseline": base, "top-20": top}, metric="recall")
     assert len(fig.data) == 2
     assert [t.showscale for t in fig.data] == [False, True]
@@ -197,8 +197,8 @@ def test_activation_frequency_and_answer_classes(results_root):
     )
     ablate = load_results(results_root["ablate"])[2]
     groups = {
-        "baseline": [r for r in ablate if r.params["k"] == 0],
-        "top 20": [r for r in ablate if r.params["k"] == 20 and r.params["selection"] == "top"],
+        "baseline": [r for r in ablate if r.condition.k == 0],
+        "top 20": [r for r in ablate if (r.condition.k, r.condition.selection) == (20, "top")],
     }
     fig = answer_class_figure(groups)
     assert fig.layout.barmode == "stack"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval_heads import analysis as A
+from retrieval_heads.conditions import HeadAblation
 from retrieval_heads.heads import Head
 from retrieval_heads.published import import_published
 from retrieval_heads.records import TrialRecord
@@ -40,6 +41,7 @@ def record(
     recall: float | None = None,
     n_layers: int = 2,
     n_heads: int = 2,
+    condition: HeadAblation | None = None,
 ) -> TrialRecord:
     table = [[0.0] * n_heads for _ in range(n_layers)]
     for _, layer, head, _ in events:
@@ -57,6 +59,7 @@ def record(
         copy_events=list(events),
         n_layers=n_layers,
         n_heads=n_heads,
+        condition=condition,
     )
 
 
@@ -238,6 +241,10 @@ def test_format_table_alignment():
 # K sweeps
 
 
+def _ablation(k: int, selection: str, draw: int) -> HeadAblation:
+    return HeadAblation(k, selection, draw, (), "uniform", "decode", f"{selection}|k={k}|d={draw}")
+
+
 def test_k_sweep_by_hand():
     recs = [record(f"base{i}", passed=i < 3, recall=[1, 1, 1, 0][i]) for i in range(4)]
     for draw, passes in ((0, (True, False)), (1, (False, False)), (2, (True, True))):
@@ -247,12 +254,12 @@ def test_k_sweep_by_hand():
                     f"r{draw}{j}",
                     passed=ok,
                     recall=0.8 if ok else 0.2,
-                    params={"k": 5, "selection": "random", "draw": draw},
+                    condition=_ablation(5, "random", draw),
                 )
             )
     recs += [
-        record("t0", passed=False, recall=0.1, params={"k": 5, "selection": "top", "draw": 0}),
-        record("t1", passed=True, recall=0.9, params={"k": 5, "selection": "top", "draw": 0}),
+        record("t0", passed=False, recall=0.1, condition=_ablation(5, "top", 0)),
+        record("t1", passed=True, recall=0.9, condition=_ablation(5, "top", 0)),
     ]
     rows = A.summarise_k_sweep(recs)
     assert [(r.k, r.selection) for r in rows] == [(0, "none"), (5, "random"), (5, "top")]

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from retrieval_heads import analysis, kvcache
+from retrieval_heads.conditions import KVWindow
 from retrieval_heads.interventions import window_mask
 from retrieval_heads.kvcache import KVPolicy
 from retrieval_heads.records import TrialRecord
@@ -126,16 +127,12 @@ def test_plan_has_baseline_top_random_and_uniform():
 
 
 def _record(selection, k, window, draw, passed, share, trial="t"):
+    tag = f"{selection}|{k}|{window}|{draw}"
+    full = "all" if selection == "none" else ()
     return TrialRecord(
-        trial_id=f"{trial}|{selection}|{k}|{window}|{draw}",
-        params={
-            "selection": selection,
-            "n_full_kv_heads": k,
-            "sink": 4,
-            "window": window,
-            "draw": draw,
-            "kv_share": share,
-        },
+        trial_id=f"{trial}|{tag}",
+        params={"kv_share": share},
+        condition=KVWindow(selection, k, draw, 4, window, "decode", full, tag),
         expected="x",
         generated_ids=[],
         generated_text="",
@@ -176,7 +173,7 @@ def test_kv_curve_pools_draws_and_chooses_the_smallest_sufficient_k():
     assert largest is top1 and not analysis.is_sufficient(largest, curve[:2])
     assert "KV share" in analysis.format_kv_curve(curve)
     with pytest.raises(ValueError, match="not a kv-sim record"):
-        analysis.kv_curve([dataclasses.replace(records[0], params={})])
+        analysis.kv_curve([dataclasses.replace(records[0], condition=None)])
 
 
 def test_export_is_duo_attention_layout_and_a_json_list(tmp_path):
