@@ -63,6 +63,7 @@ from torch import Tensor
 
 from retrieval_heads import analysis, patching, selection
 from retrieval_heads.conditions import HeadAblation
+from retrieval_heads.decoding import greedy
 from retrieval_heads.grading import FAILURE_KINDS, classify_failure, exact_match, grade
 from retrieval_heads.heads import Head, parse_heads
 from retrieval_heads.interventions import (
@@ -207,15 +208,15 @@ class _Recordings:
             model = self.model
             ids = torch.tensor(source.input_ids, dtype=torch.long, device=model.device)
             rec = ZRecorder(model)
-            # As in score_trial: prefill all but the last prompt token, feed it as step 0.
-            state = model.prefill(
-                ids[None, :-1], fwd_hooks=rec.prefill_hooks() if phase == "all" else ()
+            # As in score_trial (the same loop): prefill all but the last prompt token, feed it
+            # as step 0, then n_steps steps in all, never stopping early.
+            greedy(
+                model,
+                ids,
+                n_steps,
+                prefill_hooks=rec.prefill_hooks() if phase == "all" else (),
+                decode_hooks=rec.decode_hooks(),
             )
-            hooks = rec.decode_hooks()
-            token = ids[-1:]
-            for _ in range(n_steps):
-                logits = model.step(state, token, fwd_hooks=hooks)
-                token = logits.argmax(-1)
             self._store[key] = rec.result()
         return self._store[key]
 

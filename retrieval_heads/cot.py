@@ -457,8 +457,11 @@ def generate(
     """Greedy decoding: prefill all but the last prompt token (with ``prefill_hooks``, none by
     default), then feed it and every generated token through ``model.step`` with ``hooks``, so
     a decode-phase ablation acts on every token of the answer. Stops at EOS, when the text
-    contains a stop string (cut there), at ``max_new_tokens`` or at the model's context."""
+    contains a stop string (cut there), at ``max_new_tokens`` or at the model's context. The
+    loop is :func:`retrieval_heads.decoding.greedy`."""
     import torch
+
+    from retrieval_heads.decoding import greedy
 
     if len(prompt_ids) < 2:
         raise ValueError(
@@ -467,29 +470,28 @@ def generate(
     if len(prompt_ids) > model.n_ctx:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model takes {model.n_ctx}")
     tokenizer = model.tokenizer
+    eos = tokenizer.eos_token_id
     ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=model.device)
     budget = min(max_new_tokens, model.n_ctx - len(prompt_ids) + 1)
-    stopped_by = "n_ctx" if budget < max_new_tokens else "max_new_tokens"
-    out: list[int] = []
-    text = ""
-    with torch.no_grad():
-        state = model.prefill(ids[None, :-1], fwd_hooks=list(prefill_hooks))
-        token = ids[-1:]
-        for _ in range(budget):
-            logits = model.step(state, token, fwd_hooks=list(hooks))
-            nxt = int(logits[0].argmax())
-            if tokenizer.eos_token_id is not None and nxt == tokenizer.eos_token_id:
-                stopped_by = "eos"
-                break
-            out.append(nxt)
-            text = tokenizer.decode(out, skip_special_tokens=True)
-            hit = [s for s in stop_strings if s and s in text]
-            if hit:
-                first = min(hit, key=text.index)
-                text = text[: text.index(first)]
-                stopped_by = f"stop:{first!r}"
-                break
-            token = torch.tensor([nxt], device=model.device)
+    text = ""  # the text of the tokens kept so far, cut at a stop string
+
+    def stop(token: int, kept: list[int]) -> tuple[str, bool] | None:
+        nonlocal text
+        if eos is not None and token == eos:
+            return "eos", False
+        text = tokenizer.decode([*kept, token], skip_special_tokens=True)
+        hit = [s for s in stop_strings if s and s in text]
+        if not hit:
+            return None
+        first = min(hit, key=text.index)
+        text = text[: text.index(first)]
+        return f"stop:{first!r}", True
+
+    out, stopped_by = greedy(
+        model, ids, budget, stop, prefill_hooks=prefill_hooks, decode_hooks=hooks
+    )
+    if stopped_by is None:
+        stopped_by = "n_ctx" if budget < max_new_tokens else "max_new_tokens"
     return Generation(tuple(out), text.strip(), stopped_by)
 
 

@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from retrieval_heads.decoding import greedy
 from retrieval_heads.grading import classify_failure, grade
 from retrieval_heads.intervention import Intervention, check_intervention
 from retrieval_heads.model import ContextLengthError, HookedModel, RowSink
@@ -213,27 +214,19 @@ def greedy_decode(
     EOS or a stop string (that token is not returned) or after ``budget`` tokens;
     ``before_step`` runs before every step, the stopping one included. With ``row_sink`` (and
     no ``decode_hooks``) the steps run ``model.step_rows`` instead of the bridge, handing each
-    layer's attention row to the sink.
+    layer's attention row to the sink. The loop is :func:`retrieval_heads.decoding.greedy`.
     """
-    decode_hooks = list(decode_hooks)
-    if row_sink is not None and decode_hooks:
-        raise ValueError("decode hooks need the bridge: pass row_sink or decode_hooks, not both")
-    state = model.prefill(ids[None, :-1], fwd_hooks=list(prefill_hooks))
-    token = ids[-1:]
-    generated: list[int] = []
-    for _ in range(budget):
-        if before_step is not None:
-            before_step()
-        if row_sink is not None:
-            logits = model.step_rows(state, token, row_sink)
-        else:
-            logits = model.step(state, token, fwd_hooks=decode_hooks)
-        next_token = int(logits[0].argmax())
-        if _is_stop(next_token, model, config):
-            return generated, "stop"
-        generated.append(next_token)
-        token = torch.tensor([next_token], device=model.device)
-    return generated, "max_new_tokens"
+    generated, reason = greedy(
+        model,
+        ids,
+        budget,
+        lambda token, _: ("stop", False) if _is_stop(token, model, config) else None,
+        prefill_hooks=prefill_hooks,
+        decode_hooks=decode_hooks,
+        before_step=before_step,
+        row_sink=row_sink,
+    )
+    return generated, reason or "max_new_tokens"
 
 
 @torch.no_grad()
