@@ -256,7 +256,10 @@ def test_attention_view_crops_a_long_context_and_keeps_mass():
     # columns: a cropped context; hidden stretches and the generated tokens folded
     assert len(grid.col_labels) <= 80 and grid.weights.shape == (2, 5, len(grid.col_labels))
     assert all(p < n_context for p in grid.crop.shown)
-    assert grid.crop.items[-1] == (n_context, len(tokens)) and grid.crop.answer_item is not None
+    assert (
+        grid.crop.items[-1] == (n_context, len(tokens))
+        and grid.crop.answer_item == len(grid.crop.items) - 1
+    )
     assert set(range(16_000, 16_012)) <= set(grid.crop.shown)
     assert any(t.startswith("[… ") for t in grid.col_labels)
     # folding keeps every answer step's total attention
