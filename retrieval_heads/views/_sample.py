@@ -8,8 +8,9 @@ scores. Nothing here runs a model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,7 +18,10 @@ from retrieval_heads.conditions import HeadAblation
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.store import ResultsDir
 
-__all__ = ["sample_scores", "write_detection", "write_ablation"]
+if TYPE_CHECKING:  # pragma: no cover
+    from retrieval_heads.trials.trial import Trial
+
+__all__ = ["sample_scores", "write_detection", "write_trial_detection", "write_ablation"]
 
 _ANSWER_TOKENS = 5
 
@@ -45,29 +49,42 @@ def _record(
     expected: str,
     generated: str,
     extra_scorer: str | None = None,
+    answer_ids: Sequence[int] | None = None,
+    answer_start: int | None = None,
+    wrong_ids: Sequence[int] | None = None,
+    wrong_text: str = "something else",
     condition: HeadAblation | None = None,
 ) -> TrialRecord:
+    """One record. With ``answer_ids`` (the answer's tokens in the prompt, from
+    ``answer_start`` on) a passing record generates exactly them and its copy events point at
+    them; a failing one generates ``wrong_ids`` (``wrong_text``). Else random ids and positions."""
     n_layers, n_heads = table.shape
+    n_answer = _ANSWER_TOKENS if answer_ids is None else len(answer_ids)
     # per trial: each head copies round(score * answer tokens) of them (noisy)
     noisy = np.clip(table + rng.normal(0, 0.08, table.shape) * (table > 0), 0, 1)
-    copies = np.rint(noisy * _ANSWER_TOKENS).astype(int) if passed else np.zeros_like(table, int)
-    scores = copies / _ANSWER_TOKENS
-    answer_start = 100 + int(rng.integers(0, 400))
+    copies = np.rint(noisy * n_answer).astype(int) if passed else np.zeros_like(table, int)
+    scores = copies / n_answer
+    if answer_start is None:
+        answer_start = 100 + int(rng.integers(0, 400))
     events = []
     for layer, head in np.argwhere(copies > 0):
-        for step in sorted(rng.choice(_ANSWER_TOKENS, copies[layer, head], replace=False)):
+        for step in sorted(rng.choice(n_answer, copies[layer, head], replace=False)):
             events.append((int(step), int(layer), int(head), answer_start + int(step)))
     events.sort()
     recall = 1.0 if passed else float(rng.choice([0.0, 0.2, 0.4]))
     extra = {}
     if extra_scorer:  # e.g. a patching effect: correlated with the score, noisier
         extra[extra_scorer] = np.clip(0.8 * table + rng.normal(0, 0.05, table.shape), -1, 1)
+    if answer_ids is None:
+        generated_ids = [int(t) for t in rng.integers(3, 100, _ANSWER_TOKENS)]
+    else:
+        generated_ids = [int(t) for t in (answer_ids if passed else wrong_ids or [])]
     return TrialRecord(
         trial_id=trial_id,
         params=params,
         expected=expected,
-        generated_ids=[int(t) for t in rng.integers(3, 100, _ANSWER_TOKENS)],
-        generated_text=generated if passed else "something else",
+        generated_ids=generated_ids,
+        generated_text=generated if passed else wrong_text,
         passed=passed,
         recall=recall,
         reason=None if passed else "low recall",
@@ -127,6 +144,74 @@ def write_detection(
                             extra_scorer=extra_scorer,
                         )
                     )
+        run.finalize()
+    return Path(path)
+
+
+def write_trial_detection(
+    path: str | Path,
+    trials: Sequence[Trial],
+    *,
+    model: str = "sample-model",
+    n_layers: int = 8,
+    n_heads: int = 8,
+    seed: int = 0,
+    table: np.ndarray | None = None,
+    tokenizer: Any = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """A finished detection run of ``trials``: one record per trial, as the scorer writes it
+    (the trial's id, its params with ``context_length``, ``depth_percent``, ``needle_id`` and
+    ``answer_span``, its answer expected). A passing record generated the answer's tokens as they
+    stand in the prompt, and its copy events point at them; a failing one generated the
+    context's first tokens. ``tokenizer`` decodes the generated text (else the answer itself, or
+    ``"something else"``). Which trials pass is drawn from ``seed`` (longer and deeper fail
+    more often, as in :func:`write_detection`)."""
+    if not trials:
+        raise ValueError("write_trial_detection needs at least one trial")
+    rng = np.random.default_rng(seed)
+    table = sample_scores(rng, n_layers, n_heads) if table is None else np.asarray(table)
+    lengths = sorted({t.context_length for t in trials})
+    depths = sorted({t.depth_percent for t in trials})
+    config = {"lengths": lengths, "depths": depths, "trials": len(trials)}
+
+    def text(ids: Sequence[int], default: str) -> str:
+        if tokenizer is None:
+            return default
+        return str(tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+
+    with ResultsDir(
+        path, model=model, config=config, seed=seed, overwrite=True, extra_meta=extra_meta
+    ) as run:
+        for trial in trials:
+            a0, a1 = trial.answer_span
+            c0 = trial.context_span[0]
+            answer_ids = trial.input_ids[a0:a1]
+            wrong_ids = trial.input_ids[c0 : c0 + len(answer_ids)]
+            share = trial.context_length / max(lengths)
+            p_pass = 0.95 - 0.5 * share * (0.5 + trial.depth_percent / 200)
+            params = dict(trial.params)
+            params.update(
+                context_length=trial.context_length,
+                depth_percent=trial.depth_percent,
+                needle_id=trial.target.needle.needle_id,
+                answer_span=[a0, a1],
+            )
+            run.append(
+                _record(
+                    rng,
+                    trial.trial_id,
+                    params,
+                    table,
+                    bool(rng.random() < p_pass),
+                    expected=trial.answer,
+                    generated=text(answer_ids, trial.answer),
+                    answer_ids=answer_ids,
+                    answer_start=a0,
+                    wrong_ids=wrong_ids,
+                    wrong_text=text(wrong_ids, "something else"),
+                )
+            )
         run.finalize()
     return Path(path)
 

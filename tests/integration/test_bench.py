@@ -28,7 +28,14 @@ def test_quick_bench_writes_a_table_and_scorer_matches_plain_greedy(tmp_path, ca
         assert b["tokens"] == a["tokens"]
         assert c["tokens"] == a["tokens"]
         for r in (a, b, c):
-            assert r["total_s"] > 0 and r["peak_bytes"] >= 0
+            assert r["total_s"] > 0
+            # Peak memory: an int over a real baseline (the process's resident set), measured by
+            # one of the meter's named ways.
+            assert isinstance(r["peak_bytes"], int) and r["baseline_bytes"] > 0
+            assert r["memory_meter"] in (
+                "VmHWM (reset via clear_refs)",
+                "ru_maxrss (not resettable)",
+            )
 
     text = out.read_text()
     assert "prose before" in text and "prose after" in text and "old table" not in text
@@ -38,7 +45,12 @@ def test_quick_bench_writes_a_table_and_scorer_matches_plain_greedy(tmp_path, ca
     for length in bench.QUICK_LENGTHS:
         for method in bench.METHODS:
             label = bench.METHOD_LABELS[method]
-            assert any(f"| {length} | {label} |" in row for row in rows), (length, method)
+            row = [row for row in rows if row.startswith(f"| {length} | {label} |")]
+            assert len(row) == 1, (length, method, rows)
+            # The row reports the measured time and peak memory (MiB) of that run.
+            r = by[(method, length)]
+            assert f"| {r['total_s']:.2f} |" in row[0], (row, r["total_s"])
+            assert f"| {r['peak_bytes'] / 2**20:.0f} |" in row[0], (row, r["peak_bytes"])
     assert "torch" in section and "transformer_lens" in section
     assert capsys.readouterr().out.count("(b) scorer") == len(bench.QUICK_LENGTHS)
 

@@ -144,6 +144,7 @@ def accuracy(records):
     return sum(r.passed for r in records) / len(records)
 
 
+@pytest.mark.golden
 def test_detected_top6_are_the_layer2_retrieval_heads(scores):
     top = {h.dotted for h in top_heads(scores, 6)}
     assert top == {"2.0", "2.1", "2.4", "2.5", "2.6", "2.7"}
@@ -161,6 +162,7 @@ def niah_runs(tiny_model, niah, scores):
     }
 
 
+@pytest.mark.golden
 def test_top_k_ablation_breaks_niah_random_k_does_not(niah_runs):
     base, top, rand = niah_runs["base"], niah_runs["top"], niah_runs["random"]
     assert accuracy(base) >= 11 / 12
@@ -186,6 +188,7 @@ def test_top_k_ablation_breaks_niah_random_k_does_not(niah_runs):
     assert all(r.params["answer_class"] != "correct" for r in top if not r.passed)
 
 
+@pytest.mark.golden
 def test_facts_survive_top_k_ablation_far_better_than_niah(tiny_model, niah_runs, scores):
     """The embedded model's facts are not untouched by top-6 ablation (measured 8/12 kept; a
     random draw holding head 1.1 costs them as much), but far less than NIAH's exact answers."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "experiments" / "explore.ipynb"
@@ -19,6 +20,7 @@ def outputs_text(notebook) -> str:
     return "\n".join(texts)
 
 
+@pytest.mark.golden  # "18 of 18 trials passed", retrieval heads in layer 2
 def test_explore_notebook_executes(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(

@@ -2,10 +2,12 @@
 protocol (``retrieval_heads.views.browser``: ``--remote-debugging-pipe``, standard library only).
 
 The report is built from result directories written through ``ResultsDir`` with real
-``TrialRecord``\\ s (random scores), one ablation run with K-sweep records, and attention views of
-the shipped tiny model. Results carry ``</script><script>alert(1)</script>`` (model name, needle,
-answer) and the attention page a token ``<img src=x onerror=alert(1)>``: no injected element may
-appear and no dialog may open. Screenshots go to the test's ``tmp_path`` (paths printed; keep
+``TrialRecord``\\ s (random scores) of real trials of the shipped tiny model (so each attention
+view shows its record's own prompt), one ablation run with K-sweep records, and a KV-cache
+simulation. The results' model names carry ``</script><script>alert(1)</script>``; the attention
+page a title with it and tokens ``<img src=x onerror=alert(1)>`` (the same
+``TrialAttention.to_html`` the report's views use): no injected element may appear and no dialog
+may open. Screenshots go to the test's ``tmp_path`` (paths printed; keep
 them with ``pytest -s`` or ``--basetemp``).
 
 Skipped only when no Chromium is installed here (``make setup-browser`` installs it); set
@@ -51,26 +53,40 @@ def _report_problems(check) -> str:
 
 def test_report_renders_in_headless_chromium(chromium, tmp_path):
     from retrieval_heads import kvcache, load_model
-    from retrieval_heads.tiny.trials import tiny_grid, tiny_haystack, tiny_needles, tiny_template
-    from retrieval_heads.trials.builder import build_trial
+    from retrieval_heads.tiny.trials import tiny_grid
 
     model = load_model("tiny")
-    detect = _sample.write_detection(
+    # Real trials, and records written for exactly them (ids, answers, copy events).
+    grid = tiny_grid(model.tokenizer, lengths=[300, 600], depths=[0, 50, 100], n_needles=2)
+    detect = _sample.write_trial_detection(
         tmp_path / "detect",
+        grid,
         model=f"tiny {EVIL}",
         n_layers=model.n_layers,
         n_heads=model.n_heads,
-        lengths=(300, 600),
-        needle_text=f"the magic number is {EVIL}",
-        answer=f"{EVIL} {EVIL_TAG}",
+        tokenizer=model.tokenizer,
         extra_meta={"n_kv_heads": model.n_kv_heads},
     )
     rng = np.random.default_rng(3)
     base = load_results(detect)[1].mean
     tuned = np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1)
-    detect2 = _sample.write_detection(
-        tmp_path / "detect-tuned", model="tiny-tuned", table=tuned, lengths=(300, 600), seed=4
+    detect2 = _sample.write_trial_detection(
+        tmp_path / "detect-tuned",
+        grid,
+        model="tiny-tuned",
+        n_layers=model.n_layers,
+        n_heads=model.n_heads,
+        table=tuned,
+        seed=4,
+        tokenizer=model.tokenizer,
     )
+    trials = {t.trial_id: t for t in grid}
+    for run in (detect, detect2):
+        records = load_results(run)[2]
+        assert sorted(r.trial_id for r in records) == sorted(trials)
+        for r in records:
+            assert r.expected == trials[r.trial_id].answer
+        assert sum(r.passed for r in records) >= 2
     ablate = _sample.write_ablation(tmp_path / "ablate", model=f"tiny {EVIL}")
     # A real KV-cache simulation on the shipped model: its curve, table and NIAH grids.
     kv = tmp_path / "kv-sim"
@@ -78,18 +94,6 @@ def test_report_renders_in_headless_chromium(chromium, tmp_path):
     kvcache.simulate(
         model, kv_trials, tuned, ks=[0, 2], draws=2, window=16, uniform_windows=[16, 64], out=kv
     )
-    passing = [r for r in load_results(detect)[2] if r.passed]
-    trials = {
-        r.trial_id: build_trial(
-            model.tokenizer,
-            tiny_haystack(),
-            tiny_needles(1, seed=i)[0],
-            length=600,
-            depth_percent=50,
-            template=tiny_template(),
-        )
-        for i, r in enumerate(passing[:2])
-    }
     out = build_report(
         [detect, ablate, detect2, kv],
         tmp_path / "report.html",
@@ -107,9 +111,8 @@ def test_report_renders_in_headless_chromium(chromium, tmp_path):
     print(f"screenshot: {shot}; loaded in {check.load_s:.1f} s")
     assert check.ok, _report_problems(check)
     assert check.expected_figures >= 17 and check.figures == check.expected_figures
-    # 2 trials x 3 ColoredTokens (one per head) in detect; detect-tuned shares trial ids
-    # (and the model's shape), so it may show some of them too
-    assert check.expected_views >= 6 and check.expected_views % 3 == 0
+    # 2 trials x 3 ColoredTokens (one per head) in each detection run (both have every trial)
+    assert check.expected_views == 2 * 2 * 3
     assert check.views == check.expected_views
     assert check.scripts == 2 + check.expected_figures + check.expected_views
     assert not check.console_errors and not check.exceptions

@@ -30,6 +30,7 @@ def force_attention(model, layer: int, head: int, target_of_step):
     return (model.hook_name(layer, "attn_scores"), hook)
 
 
+@pytest.mark.golden
 def test_forced_copy_head_scores_exactly_one_and_forced_elsewhere_zero(tiny_model, tiny_trials):
     trial = tiny_trials[3]
     start, end = trial.answer_span
@@ -185,6 +186,7 @@ def test_no_passing_trial_raises_with_what_the_model_said(tiny_model, tiny_trial
     assert meta["status"] == "failed"
 
 
+@pytest.mark.golden
 def test_failed_trials_are_kept_and_counted(tiny_model, tiny_trials):
     from retrieval_heads.interventions import ablate
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from html.parser import HTMLParser
@@ -256,7 +257,10 @@ def test_attention_view_crops_a_long_context_and_keeps_mass():
     # columns: a cropped context; hidden stretches and the generated tokens folded
     assert len(grid.col_labels) <= 80 and grid.weights.shape == (2, 5, len(grid.col_labels))
     assert all(p < n_context for p in grid.crop.shown)
-    assert grid.crop.items[-1] == (n_context, len(tokens)) and grid.crop.answer_item is not None
+    assert (
+        grid.crop.items[-1] == (n_context, len(tokens))
+        and grid.crop.answer_item == len(grid.crop.items) - 1
+    )
     assert set(range(16_000, 16_012)) <= set(grid.crop.shown)
     assert any(t.startswith("[… ") for t in grid.col_labels)
     # folding keeps every answer step's total attention
@@ -436,42 +440,73 @@ def test_report_on_published_files_and_mismatched_shapes(tmp_path):
 
 
 def test_report_with_the_tiny_model_renders_attention_views(tmp_path, tiny_model):
-    from retrieval_heads.tiny.trials import tiny_haystack, tiny_needles, tiny_template
-    from retrieval_heads.trials.builder import build_trial
+    from retrieval_heads.tiny.trials import tiny_grid
 
     model = tiny_model
-    detect = _sample.write_detection(
-        tmp_path / "detect", n_layers=model.n_layers, n_heads=model.n_heads, lengths=(600,)
+    grid = tiny_grid(model.tokenizer, lengths=[300, 600], depths=[0, 50, 100], n_needles=2)
+    detect = _sample.write_trial_detection(
+        tmp_path / "detect",
+        grid,
+        n_layers=model.n_layers,
+        n_heads=model.n_heads,
+        tokenizer=model.tokenizer,
     )
     records = load_results(detect)[2]
+    # Each record is the one of its trial: same id, answer, and copies of that trial's answer.
+    by_id = {t.trial_id: t for t in grid}
+    assert sorted(r.trial_id for r in records) == sorted(by_id)
+    for r in records:
+        trial = by_id[r.trial_id]
+        assert r.expected == trial.answer and r.params["answer_span"] == list(trial.answer_span)
+        a0, a1 = trial.answer_span
+        if r.passed:
+            assert r.generated_ids == list(trial.input_ids[a0:a1])
+            assert r.generated_text == trial.answer
+        assert all(a0 <= pos < a1 for _, _, _, pos in r.copy_events)
     passing = [r for r in records if r.passed]
-    trials = {
-        r.trial_id: build_trial(
-            model.tokenizer,
-            tiny_haystack(),
-            tiny_needles(1, seed=i)[0],
-            length=600,
-            depth_percent=50,
-            template=tiny_template(),
-        )
-        for i, r in enumerate(passing[:3])
-    }
+    assert len(passing) >= 3
+    trials = {r.trial_id: by_id[r.trial_id] for r in passing[:3]}
     text = render_report([detect], model=model, trials=trials, trial_views=2, heads_per_view=3)
     n_views = int(re.search(r'data-views="(\d+)"', text).group(1))
     assert n_views == 2 * 3  # per trial, one ColoredTokens per head
     assert text.count('class="ag"') == 2 * 3  # and one answer-steps x context grid per head
     assert text.count('class="cv-root"') == n_views
+    # The views are of the records' own trials: titled by them, expecting their answers.
+    titles = re.findall(r'<h4 class="trial-title">([^<]*)</h4>', text)
+    assert len(titles) == 2
+    for title in titles:
+        tid = re.match(r"Trial (\w+):", title).group(1)
+        assert tid in trials and f"expected &#x27;{trials[tid].answer}&#x27;" in title, title
     parsed = parse(text)
     n_figures = int(re.search(r'data-figures="(\d+)"', text).group(1))
     assert len(parsed.scripts) == 2 + n_figures + n_views  # plotly.js, circuitsvis, one each
     assert sum("var CircuitsVis" in s["text"] for s in parsed.scripts) == 1
     assert 'class="error"' not in text
-    # plain input ids instead of Trials: the window centres on the copy events
+    # plain input ids instead of Trials: the answer span comes from the record's params
     ids = {tid: list(t.input_ids) for tid, t in trials.items()}
     text = render_report([detect], model=model, trials=ids, trial_views=1, heads_per_view=2)
-    assert 'data-views="2"' in text and "centred on the tokens copied" in text
-    # without the inputs: a note, no failure
-    text = render_report([detect], model=model, trials=None)
+    assert 'data-views="2"' in text and "No needle span given" not in text
+    # ... and a record without spans: the window centres on its copy events (its answer)
+    from retrieval_heads.views import trial_attention
+
+    record = next(r for r in passing if r.copy_events and r.trial_id in trials)
+    bare = dataclasses.replace(
+        record, params={k: v for k, v in record.params.items() if k != "answer_span"}
+    )
+    heads = sorted({(layer, head) for _, layer, head, _ in bare.copy_events})[:2]
+    view = trial_attention(model, bare, ids[bare.trial_id], heads, window=4)
+    assert "No needle span given: the window is centred on the tokens copied." in view.notes
+    assert set(range(*trials[bare.trial_id].answer_span)) <= set(view.grid.crop.shown)
+    # without the inputs: the records carry their trials' params, so the trials shown are
+    # rebuilt from them (and match the ones built here: same ids)
+    rebuilt = render_report([detect], model=model, trials=None, trial_views=2, heads_per_view=3)
+    assert 'data-views="6"' in rebuilt and 'class="error"' not in rebuilt
+    assert "not rebuilt" not in rebuilt
+    # records without trial params, no inputs: a note, no failure
+    plain = _sample.write_detection(
+        tmp_path / "plain", n_layers=model.n_layers, n_heads=model.n_heads, lengths=(600,)
+    )
+    text = render_report([plain], model=model, trials=None)
     assert "input ids were not given" in text and 'data-views="0"' in text
     text = render_report([detect], model=model, trials={"nope": [1, 2, 3]})
     assert "none of the" in text

@@ -79,7 +79,13 @@ def test_270_heads_stay_readable_in_the_report(tmp_path):
     )
     scores = load_results(detect)[1]
     fig = score_heatmap(scores)
-    assert fig.data[0].text is not None  # every cell's value is written in it
+    # every non-zero cell's value is written in it (zeros and missing cells stay blank)
+    text = np.asarray(fig.data[0].text)
+    assert text.shape == (30, 9) and fig.data[0].texttemplate == "%{text}"
+    for (layer, head), value in np.ndenumerate(scores.mean):
+        want = "" if not np.isfinite(value) or value == 0 else f"{value:.2f}"
+        assert text[layer, head] == want, (layer, head, value)
+    assert (text != "").any()
     assert fig.layout.yaxis.dtick == 1  # every layer labelled
     assert fig.layout.height >= 30 * 22
     ablate = _sample.write_ablation(tmp_path / "ablate", model="smollm2-like")

@@ -71,6 +71,7 @@ def test_sparse(detection, runs):
     assert "plotly" in (out / "histogram.html").read_text()[:5_000_000]
 
 
+@pytest.mark.golden
 def test_universal_and_intrinsic(detection, runs):
     rows = script("universal").main(
         ["--models", f"tiny={detection}", "tiny-short", "--out", str(runs / "universal")]
@@ -125,6 +126,7 @@ def test_causal_sweep(detection, runs):
     assert (runs / "causal" / "k_sweep.html").exists()
 
 
+@pytest.mark.golden
 def test_kv_cache_what_if(detection, runs):
     result = script("kv_cache").main(
         ["--scores", str(detection), "--ks", "0,2", "--draws", "2", "--out", str(runs / "kv")]
@@ -144,6 +146,7 @@ def test_kv_cache_what_if(detection, runs):
     assert (runs / "kv" / "duo_attention" / "full_attention_heads.tsv").exists()
 
 
+@pytest.mark.golden
 def test_cot_on_the_embedded_model(detection, runs):
     result = script("cot").main(
         ["--scores", str(detection), "--ks", "0,6", "--draws", "1", "--n", "4"]

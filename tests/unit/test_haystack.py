@@ -259,7 +259,7 @@ def test_distractors_at_distinct_sentence_boundaries(bpe_tok):
     assert len(set(starts)) == 4
     for p in trial.needles:  # no two needles are adjacent: distinct boundaries
         assert all(p.span[1] != q.span[0] for q in trial.needles)
-    # Other seeds move the distractors.
+    # Other seeds move the distractors (and the haystack window); the target stays in the trial.
     moved = build_trial(
         bpe_tok,
         Haystack.filler(),
@@ -269,7 +269,46 @@ def test_distractors_at_distinct_sentence_boundaries(bpe_tok):
         distractors=NEEDLES[:3],
         seed=3,
     )
+    check_trial(bpe_tok, moved, 1500)
     assert moved.trial_id != trial.trial_id
+    assert [(p.needle, p.role) for p in moved.needles] == [
+        (p.needle, p.role) for p in trial.needles
+    ]
+    assert moved.params["haystack_offset"] != trial.params["haystack_offset"]
+    for before, after in zip(trial.distractors, moved.distractors, strict=True):
+        assert after.span != before.span, f"{after.needle.needle_id} did not move"
+    ids = moved.input_ids
+    assert decode(bpe_tok, ids[slice(*moved.answer_span)]).strip() == MAGIC.answer
+    assert canon(decode(bpe_tok, ids[slice(*moved.target.span)])) == canon(MAGIC.text)
+
+    # With the window pinned (max_offset=0) the seed moves only the distractors: same haystack,
+    # target at the same span, every distractor somewhere else.
+    pinned = [
+        build_trial(
+            bpe_tok,
+            Haystack.filler(),
+            MAGIC,
+            length=1500,
+            depth_percent=60,
+            distractors=NEEDLES[:3],
+            seed=seed,
+            max_offset=0,
+        )
+        for seed in (2, 3)
+    ]
+    a, b = pinned
+    assert a.params["haystack_offset"] == b.params["haystack_offset"]
+    assert a.target.span == b.target.span and a.target.needle == b.target.needle == MAGIC
+    for before, after in zip(a.distractors, b.distractors, strict=True):
+        assert after.needle == before.needle and after.span != before.span
+
+    # The haystack tokens around the needles are the same; only the needles' places changed.
+    def haystack_only(t):
+        inside = {i for p in t.needles for i in range(*p.span)}
+        return [x for i, x in enumerate(t.input_ids) if i not in inside]
+
+    assert haystack_only(a) == haystack_only(b)
+    assert a.input_ids != b.input_ids
 
 
 # --- haystack sources ----------------------------------------------------------------------------
