@@ -29,12 +29,18 @@ off and prefill falls back to the chunked bridge (same numbers, slower). ``step_
 checked the same way (its rows and logits against the bridge's) the first time it is asked
 for; where it cannot run (``lean_decode`` is False), callers use ``step`` with pattern hooks.
 
-The package's modules (``loading`` imports ``hooked``, which imports ``twin``):
+The package's modules (``loading`` imports ``hooked``, which imports ``decoding``, which
+imports ``bridged`` and ``twin``):
 
 - :mod:`~retrieval_heads.model.twin`: the SDPA twin (built on the bridged model's own tensors)
   and the lean step's attention function, :data:`RowSink`;
-- :mod:`~retrieval_heads.model.hooked`: :class:`HookedModel` (shape, tokens, hooks, prefill,
-  decode steps, per-position reads), :class:`DecodeState`, :class:`ContextLengthError`;
+- :mod:`~retrieval_heads.model.bridged`: ``BridgedModel``, what the bridge says without
+  running (shape, head helpers, tokens, hook names, the ``hooks`` context manager);
+- :mod:`~retrieval_heads.model.decoding`: ``DecodingModel`` (a ``BridgedModel`` plus the fast
+  path, prefill, decode steps and the lean step), :class:`DecodeState`,
+  :class:`ContextLengthError`;
+- :mod:`~retrieval_heads.model.hooked`: :class:`HookedModel` (a ``DecodingModel`` plus the
+  per-position reads: attention rows, head outputs);
 - :mod:`~retrieval_heads.model.loading`: :func:`load_model` and its checks,
   :func:`supported_architectures`.
 

@@ -5,8 +5,8 @@ It owns building the twin (an SDPA copy of the model's architecture whose tensor
 bridged model's own, :func:`_build_sdpa_twin`) and the attention kernel of a lean decode step
 (:func:`_rows_attention`: one query, grouped by kv head, each layer's row handed to the
 :data:`RowSink` of the step now running), with its registration under transformers'
-attention and mask interfaces. :class:`~retrieval_heads.model.hooked.HookedModel` decides when
-either runs and checks them against the bridge.
+attention and mask interfaces. :class:`~retrieval_heads.model.hooked.HookedModel` (its decoding
+layer, :mod:`.decoding`) decides when either runs and checks them against the bridge.
 
 It never runs the bridge, holds a model, or imports anything of the package.
 """
