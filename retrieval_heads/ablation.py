@@ -8,8 +8,7 @@ argument) implementing the :class:`~retrieval_heads.intervention.Intervention` p
 mode, ...)`` and :func:`ablate` build the class from the mode's name. Each mode acts on *query*
 heads (``hook_q``, ``hook_z``, ``hook_attn_scores`` and ``hook_pattern`` are per query head,
 also under grouped-query attention; use :func:`~retrieval_heads.head_hooks.kv_group` to ablate
-every query head that reads a kv head). Each mode installs one hook per layer (per hook point)
-that edits all the selected heads of that layer at once through an index tensor.
+every query head that reads a kv head), with one hook per layer (per hook point).
 
 Ablation modes
 --------------
@@ -45,19 +44,16 @@ Ablation modes
     index it directly; positions not yet visible are ignored. A query whose visible keys are
     all blocked attends to nothing: its pattern row is 0 (its ``z`` is 0).
 
-Phases
-------
-``phase="decode"`` (the paper's choice): hooks only for ``step``; the prompt is read
-un-ablated and ``prefill_hooks`` is empty. ``phase="all"``: the same hooks for prefill too
-(prefill then runs the bridge in chunks instead of the fast path).
-
-It never decides *which* heads to ablate (callers pass them: top-K retrieval heads, random
-heads of the same count, ...; :mod:`retrieval_heads.selection` picks them).
+``phase="decode"`` (the paper's choice): hooks only for ``step``; the prompt is read un-ablated
+and ``prefill_hooks`` is empty. ``phase="all"``: the same hooks for prefill too (prefill then
+runs the bridge in chunks instead of the fast path). It never decides *which* heads to ablate
+(callers pass them: top-K retrieval heads, random heads of the same count, ...;
+:mod:`retrieval_heads.selection` picks them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -176,13 +172,22 @@ class Ablation(metaclass=_ByMode):
     resample: RecordedZ | None = None
     blocked_positions: tuple[int, ...] | None = None
 
-    def __init__(
-        self,
-        heads: HeadLabels,
-        *,
-        phase: Phase = "decode",
-        model: HookedModel | None = None,
-    ) -> None:
+    if TYPE_CHECKING:
+        # Ablation(...)'s signature for type checkers, which never read a metaclass's __call__.
+        def __new__(
+            cls,
+            heads: HeadLabels,
+            mode: Mode | str,
+            phase: Phase | str = "decode",
+            *,
+            mean_z: Tensor | None = None,
+            resample: RecordedZ | None = None,
+            blocked_positions: Iterable[int] | None = None,
+            model: HookedModel | None = None,
+        ) -> Ablation: ...
+
+    def _setup(self, heads: HeadLabels, phase: Phase, model: HookedModel | None) -> None:
+        """Each mode's ``__init__``, its data set: keep the heads and phase, check it all."""
         _check_phase(phase)
         self.heads: list[Head] = _parse(heads)
         self.phase: Phase = phase
@@ -251,6 +256,11 @@ class UniformAblation(Ablation):
 
     mode: ClassVar[str] = "uniform"
 
+    def __init__(
+        self, heads: HeadLabels, *, phase: Phase = "decode", model: HookedModel | None = None
+    ) -> None:
+        self._setup(heads, phase, model)
+
     def _check_model(self, model: HookedModel) -> None:
         if self.heads:
             check_uniform(model)
@@ -263,6 +273,11 @@ class ZeroAblation(Ablation):
     """Zero the heads' output ``z`` (``hook_z``): they write nothing to the residual stream."""
 
     mode: ClassVar[str] = "zero"
+
+    def __init__(
+        self, heads: HeadLabels, *, phase: Phase = "decode", model: HookedModel | None = None
+    ) -> None:
+        self._setup(heads, phase, model)
 
     def _layer_hooks(self, model, layer, heads, idx, phase) -> Hooks:
         return [(model.hook_name(layer, "z"), _zero_heads_hook(idx))]
@@ -285,7 +300,7 @@ class MeanAblation(Ablation):
         if mean_z is None:
             raise ValueError(f"MeanAblation needs mean_z: {_HINTS['mean_z']}")
         self.mean_z = mean_z
-        super().__init__(heads, phase=phase, model=model)
+        self._setup(heads, phase, model)
 
     def _validate(self) -> None:
         self._check_mean_z(None)
@@ -344,7 +359,7 @@ class ResampleAblation(Ablation):
         if resample is None:
             raise ValueError(f"ResampleAblation needs resample: {_HINTS['resample']}")
         self.resample = resample
-        super().__init__(heads, phase=phase, model=model)
+        self._setup(heads, phase, model)
 
     def _validate(self) -> None:
         rec = self.resample
@@ -416,7 +431,7 @@ class KnockoutAblation(Ablation):
         if positions[0] < 0:
             raise ValueError(f"blocked_positions must be >= 0, got {positions[0]}")
         self.blocked_positions = tuple(positions)
-        super().__init__(heads, phase=phase, model=model)
+        self._setup(heads, phase, model)
 
     def _payload(self) -> dict[str, Any]:
         return {"blocked_positions": list(self.blocked_positions or ())}
@@ -457,17 +472,17 @@ def _from_mode(
             raise ValueError(f"mode {needs_it!r} needs {name}=: {_HINTS[name]}")
         if needs_it != mode and given:
             raise ValueError(f"{name}= is only used by mode {needs_it!r}, not {mode!r}")
-    cls = MODE_CLASSES[mode]
+    cls: Callable[..., Ablation] = MODE_CLASSES[mode]
     args = (data[_NEEDS[mode]],) if mode in _NEEDS else ()
-    return cls(heads, *args, phase=phase, model=model)  # type: ignore[arg-type]
+    return cls(heads, *args, phase=phase, model=model)
 
 
 def ablate(
     model: HookedModel,
     heads: HeadLabels,
-    mode: Mode = "uniform",
+    mode: Mode | str = "uniform",
     *,
-    phase: Phase = "decode",
+    phase: Phase | str = "decode",
     mean_z: Tensor | None = None,
     resample: RecordedZ | None = None,
     blocked_positions: Sequence[int] | None = None,
