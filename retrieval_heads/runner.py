@@ -67,6 +67,9 @@ def run_sweep(
     progress: bool | str = False,
     check: Callable[[list[TrialRecord]], None] | None = None,
     timing: bool = True,
+    run_batch: Callable[[list[Unit]], list[TrialRecord]] | None = None,
+    batch_key: Callable[[Unit], Any] | None = None,
+    batch_size: int | Callable[[Unit], int] = 1,
 ) -> list[TrialRecord]:
     """Run every unit (of ``shard``, if given) that ``out`` does not hold yet; return the records.
 
@@ -81,7 +84,12 @@ def run_sweep(
 
     ``check(records)`` runs on the whole set before the folder is marked finished; if it raises,
     the folder is marked ``failed`` with the error's text (the records stay, a rerun resumes)
-    and the error propagates. A shard skips it: its share alone does not decide. ``progress``: a tqdm bar over the units left (a string names it).
+    and the error propagates. A shard skips it: its share alone does not decide.
+
+    Batches: with ``run_batch`` (units -> their records, in order), consecutive units left to
+    run that share a ``batch_key`` (a condition and a trial length, say) run together, up to
+    ``batch_size`` of them (a number, or a function of the batch's first unit). The records
+    must not depend on the batching: a run killed mid-batch resumes to the same files. ``progress``: a tqdm bar over the units left (a string names it).
     """
     ids = [u.record_id for u in units]
     if len(set(ids)) != len(ids):
@@ -91,8 +99,25 @@ def run_sweep(
             raise ValueError(f"a sharded {kind} run needs out=: shards are merged from disk")
         units = [units[p] for p in shard.positions(len(units))]
     began = time.perf_counter()
+
+    def run_all(todo: Sequence[Unit]) -> Iterable[TrialRecord]:
+        bar = _bar(todo, progress)
+        if run_batch is None or batch_size == 1:
+            for unit in bar:
+                yield run_unit(unit)
+            return
+        for batch in _batches(todo, batch_key, batch_size):
+            records = run_batch(batch)
+            if len(records) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} units gave {len(records)} records")
+            yield from records
+            if hasattr(bar, "update"):
+                bar.update(len(batch))
+        if hasattr(bar, "close"):
+            bar.close()
+
     if out is None:
-        records = [run_unit(u) for u in _bar(units, progress)]
+        records = list(run_all(units))
         if check is not None:
             check(records)
         return records
@@ -111,8 +136,8 @@ def run_sweep(
         extra_meta=meta,
     ) as run:
         done = run.done_ids()
-        for unit in _bar([u for u in units if u.record_id not in done], progress):
-            run.append(run_unit(unit))
+        for record in run_all([u for u in units if u.record_id not in done]):
+            run.append(record)
         records = run.records()
         if check is not None:
             try:
@@ -123,6 +148,25 @@ def run_sweep(
         wall = {"wall_s": round(time.perf_counter() - began, 3)} if timing else None
         run.finalize(timing=wall)
         return run.records()
+
+
+def _batches(
+    units: Sequence[Unit],
+    key: Callable[[Unit], Any] | None,
+    size: int | Callable[[Unit], int],
+) -> Iterable[list[Unit]]:
+    """Consecutive units of one key, at most ``size`` at a time."""
+    batch: list[Unit] = []
+    limit = 1
+    for unit in units:
+        if batch and (len(batch) >= limit or (key is not None and key(unit) != key(batch[0]))):
+            yield batch
+            batch = []
+        if not batch:
+            limit = max(1, size(unit) if callable(size) else int(size))
+        batch.append(unit)
+    if batch:
+        yield batch
 
 
 def _bar(units: Sequence[Unit], progress: bool | str) -> Iterable[Unit]:

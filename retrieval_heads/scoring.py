@@ -287,11 +287,27 @@ def score_trial(
         before_step=lambda: stats.new_step(model.device),
         row_sink=row_sink,
     )
+    return trial_record(
+        model, trial, stats, generated, stopped_by, config, time.perf_counter() - began
+    )
+
+
+def trial_record(
+    model: HookedModel,
+    trial: Trial,
+    stats: _StepStats,
+    generated: list[int],
+    stopped_by: str,
+    config: DecodeConfig,
+    elapsed_s: float,
+) -> TrialRecord:
+    """The record of one decoded trial: its answer graded, its steps' rows reduced to scores
+    and copy events (:func:`score_trial`'s tail, shared with the batched scorer)."""
     stats.flush()
     if stopped_by == "stop":
         for table in (stats.argmax, stats.topk_mass, stats.span_mass):
             table.pop()  # the stop token is not part of the answer
-
+    ids = torch.tensor(trial.input_ids, dtype=torch.long, device=model.device)  # [pos]
     scores, events_list = _scores(stats, generated, ids, trial.answer_span, config)
     text = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
     answers = list(trial.answers) if len(trial.targets) > 1 else trial.answer
@@ -323,7 +339,7 @@ def score_trial(
         copy_events=events_list,
         n_layers=model.n_layers,
         n_heads=model.n_heads,
-        elapsed_s=round(time.perf_counter() - began, 4),
+        elapsed_s=round(elapsed_s, 4),
     )
 
 
@@ -414,6 +430,7 @@ def detect(
     progress: bool = False,
     require_pass: bool = True,
     shard: Shard | None = None,
+    batch_size: int | None = 1,
 ) -> HeadScores | None:
     """Score every trial and aggregate per head (mean over passing trials, as in the paper).
 
@@ -433,6 +450,12 @@ def detect(
     in the run's config as ``"intervention"`` (so a rerun with another intervention into the
     same ``out`` is refused). ``hooks`` (deprecated: use ``intervention``) is a function
     ``trial -> (prefill_hooks, decode_hooks)``; it leaves no trace in the config. Not both.
+
+    ``batch_size``: trials of one length scored together
+    (:func:`~retrieval_heads.batched.score_batch`; the same records, masses within float
+    rounding); ``None`` picks it from free memory
+    (:func:`~retrieval_heads.batched.auto_batch_size`). With an intervention or hooks, trials
+    run one at a time.
     """
     _check_one_way(hooks, intervention)
     config = config or DecodeConfig()
@@ -446,9 +469,26 @@ def detect(
         if require_pass and not any(r.passed for r in records):
             raise DetectionError(failure_summary(records))
 
+    run_batch: Callable[[list[Unit]], list[TrialRecord]] | None = None
+    size: int | Callable[[Unit], int] = 1
+    if intervention is None and hooks is None and batch_size != 1:
+        from retrieval_heads.batched import auto_batch_size, score_batch
+
+        def run_batch(units: list[Unit]) -> list[TrialRecord]:
+            return score_batch(model, [u.item for u in units], config)
+
+        def batch_for(unit: Unit) -> int:
+            length = len(unit.item.input_ids)
+            return batch_size if batch_size is not None else auto_batch_size(model, length)
+
+        size = batch_for
+
     records = run_sweep(
         [Unit(t.trial_id, t) for t in trials],
         lambda unit: score_trial(model, unit.item, config, hooks, intervention=intervention),
+        run_batch=run_batch,
+        batch_key=lambda unit: len(unit.item.input_ids),
+        batch_size=size,
         out=out,
         model=model_name or runner_model_name(model),
         kind=kind,

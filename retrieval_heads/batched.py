@@ -1,0 +1,162 @@
+"""Scoring several trials at once: one prefill and one decode step per token for a batch.
+
+Every trial of one length in a grid has exactly that many tokens, so a batch of them needs no
+padding: :func:`score_batch` prefills them together and feeds each step's tokens as one
+``[batch]`` tensor, and each trial keeps its own step statistics, budget and stop rule (a
+trial that has stopped stops counting; the batch runs until every trial has stopped). Its
+records equal :func:`~retrieval_heads.scoring.score_trial`'s, trial by trial: the same
+generated tokens, copy events and retrieval scores, the attention-mass tables within float
+rounding (a batched matrix product may add in another order).
+
+Hooks given here act on the whole batch, so they must treat every row alike and not depend on
+the trial (an ablation of fixed heads, a KV window); an intervention that is built per trial
+(resample, knockout) runs trial by trial. :func:`auto_batch_size` picks a batch size from the
+memory a trial of a given length needs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from retrieval_heads.model import HookedModel
+from retrieval_heads.records import TrialRecord
+from retrieval_heads.scoring import (
+    DecodeConfig,
+    _is_stop,
+    _StepStats,
+    trial_record,
+)
+from retrieval_heads.trials.builder import check_trial_tokens
+from retrieval_heads.trials.trial import Trial
+
+__all__ = ["auto_batch_size", "score_batch", "MAX_AUTO_BATCH"]
+
+MAX_AUTO_BATCH = 16
+_MEMORY_SHARE = 0.25  # of the memory free now, for the batch's cache and activations
+
+
+@torch.no_grad()
+def score_batch(
+    model: HookedModel,
+    trials: Sequence[Trial],
+    config: DecodeConfig | None = None,
+    *,
+    prefill_hooks: Sequence[tuple[str, Any]] = (),
+    decode_hooks: Sequence[tuple[str, Any]] = (),
+    lean: bool | None = None,
+) -> list[TrialRecord]:
+    """Answer and score ``trials`` (all of one token length) together; one record each.
+
+    ``prefill_hooks`` and ``decode_hooks`` run on the whole batch (see the module docstring).
+    ``lean`` as in :func:`~retrieval_heads.scoring.score_trial`. Each record's ``elapsed_s``
+    is the batch's time divided by its size.
+    """
+    config = config or DecodeConfig()
+    trials = list(trials)
+    if not trials:
+        return []
+    lengths = {len(t.input_ids) for t in trials}
+    if len(lengths) != 1:
+        raise ValueError(f"a batch holds trials of one length, got lengths {sorted(lengths)}")
+    for trial in trials:
+        check_trial_tokens(trial, model.tokenizer, model.d_vocab, model.name)
+    began = time.perf_counter()
+    device = model.device
+    ids = torch.tensor([t.input_ids for t in trials], dtype=torch.long, device=device)  # [b, pos]
+    n, pos = ids.shape
+    stats = [_StepStats(model.n_layers, model.n_heads, t.answer_span, pos - 1) for t in trials]
+    budgets = [config.budget(t, model) for t in trials]
+    generated: list[list[int]] = [[] for _ in trials]
+    stopped_by = ["max_new_tokens"] * n
+    running = list(range(n))  # the rows whose rows of attention still count
+    decode_hooks = list(decode_hooks)
+    if lean is None:
+        lean = not decode_hooks and model.lean_decode
+    elif lean and decode_hooks:
+        raise ValueError("lean=True runs no decode hooks: they need the bridge (lean=False)")
+
+    def row_sink(layer: int, rows: Float[Tensor, "batch head key"]) -> None:
+        for b in running:
+            stats[b].add(layer, rows[b])
+
+    def pattern_hook(layer: int) -> Any:
+        def take_rows(pattern: Float[Tensor, "batch head query key"], hook: Any) -> None:
+            rows = pattern[:, :, -1, :]  # [batch, head, key]
+            for b in running:
+                stats[b].add(layer, rows[b].clone())
+
+        return take_rows
+
+    pattern_hooks = (
+        []
+        if lean
+        else [
+            (model.hook_name(layer, "pattern"), pattern_hook(layer))
+            for layer in range(model.n_layers)
+        ]
+    )
+    state = model.prefill(ids[:, :-1], fwd_hooks=list(prefill_hooks))
+    token = ids[:, -1]  # [batch]: the last prompt token is the first decode step
+    while running:
+        for b in running:
+            stats[b].new_step(device)
+        if lean:
+            logits = model.step_rows(state, token, row_sink)
+        else:
+            logits = model.step(state, token, fwd_hooks=[*pattern_hooks, *decode_hooks])
+        token = logits.argmax(dim=-1)  # [batch]
+        chosen = token.tolist()
+        still = []
+        for b in running:
+            if _is_stop(chosen[b], model, config):
+                stopped_by[b] = "stop"  # the stop token is not kept
+                continue
+            generated[b].append(chosen[b])
+            if len(generated[b]) < budgets[b]:
+                still.append(b)
+        running[:] = still
+    share = (time.perf_counter() - began) / n
+    return [
+        trial_record(model, t, s, g, why, config, share)
+        for t, s, g, why in zip(trials, stats, generated, stopped_by, strict=True)
+    ]
+
+
+def trial_bytes(model: HookedModel, length: int) -> int:
+    """About what one trial of ``length`` tokens holds at its peak: its KV cache, and the
+    prefill's widest activations (the MLP's, for every position)."""
+    config = getattr(model.hf_model, "config", None)
+    d_model = int(getattr(config, "hidden_size", 0) or model.d_head * model.n_heads)
+    d_mlp = int(getattr(config, "intermediate_size", 0) or 4 * d_model)
+    itemsize = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
+    cache = 2 * model.n_layers * model.n_kv_heads * model.d_head * length * itemsize
+    prefill = length * (3 * d_mlp + 4 * d_model) * itemsize
+    return cache + prefill
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` now (on CPU: the system's available memory)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 * 1024**3  # unknown: assume 2 GiB
+
+
+def auto_batch_size(model: HookedModel, length: int) -> int:
+    """The batch size for trials of ``length`` tokens: as many as fit in a quarter of the
+    memory free now (at least 1, at most :data:`MAX_AUTO_BATCH`)."""
+    fit = int(_MEMORY_SHARE * free_bytes(model.device) // max(1, trial_bytes(model, length)))
+    return max(1, min(MAX_AUTO_BATCH, fit))

@@ -1,0 +1,158 @@
+"""Batched scoring: trials of one length prefilled and decoded together give batch-1 records.
+
+Same generated tokens, copy events and retrieval scores; attention-mass tables within float
+rounding (a batched product may add in another order). Checked on the shipped model (lean
+rows and the bridge's ``hook_pattern`` rows), on a GQA model and on Gemma 3 with
+sliding-window layers, through ``detect`` with a results folder, and across a kill.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from retrieval_heads import runner
+from retrieval_heads.batched import auto_batch_size, score_batch, trial_bytes
+from retrieval_heads.scoring import DecodeConfig, detect, score_trial
+from retrieval_heads.store import load_records
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def assert_same(batched, single):
+    assert batched.trial_id == single.trial_id
+    assert batched.generated_ids == single.generated_ids
+    assert batched.params == single.params  # stopped_by included
+    assert batched.copy_events == single.copy_events
+    assert batched.scores["retrieval"] == single.scores["retrieval"]
+    for name in ("topk", "attention_mass"):
+        torch.testing.assert_close(
+            torch.tensor(batched.scores[name]),
+            torch.tensor(single.scores[name]),
+            atol=1e-5,
+            rtol=0,
+        )
+    assert (batched.passed, batched.recall, batched.reason) == (
+        single.passed,
+        single.recall,
+        single.reason,
+    )
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "bridge"])
+def test_a_batch_gives_each_trials_own_record(tiny_model, tiny_trials, lean):
+    short = [t for t in tiny_trials if len(t.input_ids) == len(tiny_trials[0].input_ids)]
+    assert len(short) == 6
+    batched = score_batch(tiny_model, short, lean=lean)
+    events = 0
+    for trial, record in zip(short, batched, strict=True):
+        assert_same(record, score_trial(tiny_model, trial, lean=lean))
+        events += len(record.copy_events)
+    assert events > 0 and any(r.passed for r in batched)
+
+
+def test_trials_that_stop_early_stop_counting(tiny_model, tiny_trials):
+    """Budgets differ per trial: one stops after 1 token, one runs to its budget of 6."""
+    trials = [t for t in tiny_trials if len(t.input_ids) == len(tiny_trials[0].input_ids)][:3]
+    config = DecodeConfig(max_new_tokens=6, stop_at_eos=False, stop_strings=())
+    batched = score_batch(tiny_model, trials, config)
+    for trial, record in zip(trials, batched, strict=True):
+        assert_same(record, score_trial(tiny_model, trial, config))
+        assert len(record.generated_ids) == 6
+    # a trial whose first token is a stop: nothing generated, nothing scored
+    first = score_trial(tiny_model, trials[0], config).generated_ids[0]
+    word = tiny_model.tokenizer.decode([first])
+    stop_first = DecodeConfig(stop_strings=(word,))
+    batched = score_batch(tiny_model, trials, stop_first)
+    for trial, record in zip(trials, batched, strict=True):
+        assert_same(record, score_trial(tiny_model, trial, stop_first))
+    assert batched[0].generated_ids == [] and batched[0].params["stopped_by"] == "stop"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("fixture", ["gqa_model", "gemma3_gqa_model"])
+def test_batches_on_gqa_and_sliding_window_models(fixture, request, word_tokenizer):
+    from tests.integration.test_lean_decode import gqa_trial
+
+    model = request.getfixturevalue(fixture)
+    trials = [gqa_trial(word_tokenizer, depth=d) for d in (10, 40, 90)]
+    config = DecodeConfig(max_new_tokens=8, stop_at_eos=False, stop_strings=())
+    for lean in (True, False):
+        for trial, record in zip(
+            trials, score_batch(model, trials, config, lean=lean), strict=True
+        ):
+            assert_same(record, score_trial(model, trial, config, lean=lean))
+
+
+def test_a_batch_holds_one_length(tiny_model, tiny_trials):
+    with pytest.raises(ValueError, match="one length"):
+        score_batch(tiny_model, [tiny_trials[0], tiny_trials[-1]])
+
+
+def _comparable(path):
+    out = []
+    for record in load_records(path):
+        d = record.to_dict()
+        d.pop("elapsed_s")
+        for name in ("topk", "attention_mass"):
+            d["scores"][name] = [[round(x, 5) for x in row] for row in d["scores"][name]]
+        out.append(d)
+    return out
+
+
+def test_detect_in_batches_writes_what_batch_1_writes(tiny_model, tiny_trials, tmp_path):
+    one = detect(tiny_model, tiny_trials, out=tmp_path / "one", batch_size=1)
+    four = detect(tiny_model, tiny_trials, out=tmp_path / "four", batch_size=4)
+    auto = detect(tiny_model, tiny_trials, out=tmp_path / "auto", batch_size=None)
+    assert _comparable(tmp_path / "four") == _comparable(tmp_path / "one")
+    assert _comparable(tmp_path / "auto") == _comparable(tmp_path / "one")
+    for scores in (four, auto):
+        assert (scores.values == one.values).all()
+    assert (tmp_path / "four" / "head_scores.json").read_bytes() == (
+        tmp_path / "one" / "head_scores.json"
+    ).read_bytes()
+
+
+def test_a_killed_batched_run_resumes_to_the_same_files(
+    tiny_model, tiny_trials, tmp_path, monkeypatch
+):
+    detect(tiny_model, tiny_trials, out=tmp_path / "whole", batch_size=4)
+    original = runner.run_sweep
+    batches = []
+
+    def killed_after_one_batch(*args, **kwargs):
+        run_batch = kwargs["run_batch"]
+
+        def once(units):
+            if batches:
+                raise KeyboardInterrupt  # the second batch never lands
+            batches.append(len(units))
+            return run_batch(units)
+
+        return original(*args, **{**kwargs, "run_batch": once})
+
+    monkeypatch.setattr("retrieval_heads.scoring.run_sweep", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        detect(tiny_model, tiny_trials, out=tmp_path / "killed", batch_size=4)
+    assert batches == [4] and len(list((tmp_path / "killed" / "trials").glob("*.json"))) == 4
+    meta = json.loads((tmp_path / "killed" / "meta.json").read_text())
+    assert meta["status"] == "interrupted"
+    monkeypatch.setattr("retrieval_heads.scoring.run_sweep", original)
+    detect(tiny_model, tiny_trials, out=tmp_path / "killed", batch_size=4)
+    assert _comparable(tmp_path / "killed") == _comparable(tmp_path / "whole")
+    assert (tmp_path / "killed" / "head_scores.json").read_bytes() == (
+        tmp_path / "whole" / "head_scores.json"
+    ).read_bytes()
+
+
+def test_auto_batch_size_follows_the_memory_a_trial_needs(tiny_model, monkeypatch):
+    per_trial = trial_bytes(tiny_model, 1000)
+    assert trial_bytes(tiny_model, 2000) > per_trial > 0
+    monkeypatch.setattr("retrieval_heads.batched.free_bytes", lambda device: 4 * 3 * per_trial)
+    assert auto_batch_size(tiny_model, 1000) == 3
+    monkeypatch.setattr("retrieval_heads.batched.free_bytes", lambda device: 0)
+    assert auto_batch_size(tiny_model, 1000) == 1
+    monkeypatch.setattr("retrieval_heads.batched.free_bytes", lambda device: 10**15)
+    assert auto_batch_size(tiny_model, 1000) == 16
