@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_batch
+
 METHODS = ("a", "b", "c")
 METHOD_LABELS = {
     "a": "(a) plain greedy (HF SDPA + KV cache)",
@@ -1212,6 +1214,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=REAL_REPEATS,
         help=f"runs per timing in the real-model section, fastest kept (default {REAL_REPEATS})",
     )
+    parser.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="skip the batch sweep (detection throughput at batch 1, 4, 8, 16; default: run it "
+        "with the real-model section)",
+    )
+    parser.add_argument(
+        "--batch-only", action="store_true", help="only the batch sweep of the real-model section"
+    )
+    parser.add_argument(
+        "--batch-length",
+        type=int,
+        default=bench_batch.BATCH_LENGTH,
+        help=f"trial length of the batch sweep (default {bench_batch.BATCH_LENGTH})",
+    )
+    parser.add_argument(
+        "--batch-new-tokens",
+        type=int,
+        default=bench_batch.BATCH_NEW_TOKENS,
+        help=f"new tokens per trial in the batch sweep (default {bench_batch.BATCH_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--batch-repeats", type=int, default=2, help="runs per batch size, fastest kept (2)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1234,8 +1260,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--new-tokens must be at least 1")
     if args.real_new_tokens < 2:
         parser.error("--real-new-tokens must be at least 2")
+    if args.batch_new_tokens < 2:
+        parser.error("--batch-new-tokens must be at least 2")
     if args.quick:
         args.no_real = True  # the test suite's mode: seconds, not minutes
+        args.no_batch = True
+    if args.batch_only:
+        args.real_only = True
     return args
 
 
@@ -1270,11 +1301,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_section(args.out, section_key(args.device, args.preset), body)
             print(f"wrote {args.out}", file=sys.stderr)
-    if args.real_only or not args.no_real:
+    if args.batch_only or ((args.real_only or not args.no_real) and not args.no_batch):
+        batched = bench_batch.run_batch_sweep(args, log=log)
+        body = bench_batch.render_batch_sweep(batched)
+        print(body)
+        raw = {**raw, "batch": batched}
+        if args.out:
+            write_section(args.out, section_key(args.device, "batch"), body)
+            print(f"wrote {args.out}", file=sys.stderr)
+    if (args.real_only or not args.no_real) and not args.batch_only:
         real = run_real(args, log=log)
         body = render_real(real)
         print(body)
-        raw = real if args.real_only else {**raw, "real": real}
+        raw = real if (args.real_only and not raw) else {**raw, "real": real}
         if args.out:
             write_section(args.out, section_key(args.device, "real"), body)
             print(f"wrote {args.out}", file=sys.stderr)

@@ -167,6 +167,8 @@ class Ablation(metaclass=_ByMode):
     """
 
     mode: ClassVar[str] = ""
+    #: Hooks that ignore the trial and treat every row of a batch alike (batches may run).
+    trial_independent: ClassVar[bool] = True
     # The data of the other modes, None here (read by code written for one Ablation class).
     mean_z: Tensor | None = None
     resample: RecordedZ | None = None
@@ -347,6 +349,7 @@ class ResampleAblation(Ablation):
     position in the prompt (phase ``"all"``, equal prompt lengths)."""
 
     mode: ClassVar[str] = "resample"
+    trial_independent: ClassVar[bool] = False  # its hooks are built for one trial
 
     def __init__(
         self,
@@ -412,6 +415,7 @@ class KnockoutAblation(Ablation):
     needle span): ``-inf`` at ``hook_attn_scores``, the softmax renormalises over the rest."""
 
     mode: ClassVar[str] = "knockout"
+    trial_independent: ClassVar[bool] = False  # its hooks are built for one trial
 
     def __init__(
         self,

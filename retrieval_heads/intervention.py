@@ -16,6 +16,11 @@ Implementations in the package: the ablation modes of :mod:`retrieval_heads.inte
 the KV-window policy :class:`~retrieval_heads.kvcache.KVPolicy`. :class:`UserIntervention`
 wraps hand-written hooks, and :func:`compose` runs several interventions together.
 
+An intervention may also say ``trial_independent = True``: its hooks do not depend on the trial
+and treat every row of a batch alike (an ablation of fixed heads, a KV window), so trials of
+one length may run in one batch with hooks built once (``trial=None``); without it, trials run
+one by one (:func:`is_trial_independent`).
+
 Decode hooks keep the scorer on the TransformerLens bridge (the lean decode step runs no
 hooks); an intervention whose ``decode_hooks`` is empty leaves the lean step on.
 
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
     from retrieval_heads.model import HookedModel
     from retrieval_heads.trials.trial import Trial
 
-__all__ = ["HookList", "Intervention", "UserIntervention", "compose"]
+__all__ = ["HookList", "Intervention", "UserIntervention", "compose", "is_trial_independent"]
 
 HookList = list[tuple[str, Callable[..., Any]]]
 #: Static hooks, or a function ``(model, trial) -> hooks`` building them for each trial.
@@ -67,7 +72,8 @@ class UserIntervention:
     as they are, or functions ``(model, trial) -> list`` that build them per trial (do that
     for stateful hooks, which must start afresh on each run). ``description`` is what
     ``describe()`` returns besides ``{"intervention": "user"}`` (JSON-able; say what the
-    hooks do, since the results cannot record functions)::
+    hooks do, since the results cannot record functions). ``trial_independent=True`` says the
+    (listed, not built) hooks treat every row of a batch alike, so trials may run in batches::
 
         fired = UserIntervention(decode=[(model.hook_name(0, "z"), my_hook)],
                                  description={"what": "log layer 0's z"})
@@ -80,6 +86,7 @@ class UserIntervention:
         prefill: HookSource = (),
         *,
         description: dict[str, Any] | None = None,
+        trial_independent: bool = False,
     ) -> None:
         for name, source in (("decode", decode), ("prefill", prefill)):
             if not callable(source) and not isinstance(source, Sequence):
@@ -90,6 +97,9 @@ class UserIntervention:
         self.decode = decode
         self.prefill = prefill
         self.description = dict(description or {})
+        self.trial_independent = bool(trial_independent) and not (
+            callable(decode) or callable(prefill)
+        )
 
     def prefill_hooks(self, model: HookedModel, trial: Trial | None = None) -> HookList:
         return _build(self.prefill, model, trial)
@@ -109,6 +119,7 @@ class Composed:
 
     def __init__(self, parts: Sequence[Intervention]) -> None:
         self.parts = list(parts)
+        self.trial_independent = all(is_trial_independent(part) for part in self.parts)
 
     def prefill_hooks(self, model: HookedModel, trial: Trial | None = None) -> HookList:
         return [pair for part in self.parts for pair in part.prefill_hooks(model, trial)]
@@ -145,3 +156,9 @@ def check_intervention(*interventions: Any) -> None:
                 "(an intervention has prefill_hooks(model, trial), decode_hooks(model, trial) "
                 "and describe(); wrap plain hooks in UserIntervention)"
             )
+
+
+def is_trial_independent(intervention: Any) -> bool:
+    """Whether ``intervention``'s hooks may be built once and run on a batch of trials
+    (``None``, no intervention, may)."""
+    return intervention is None or bool(getattr(intervention, "trial_independent", False))

@@ -40,7 +40,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -79,6 +79,7 @@ KVHead = tuple[int, int]  # (layer, kv head)
 class KVPolicy:
     """Which KV heads keep the whole context; every other one keeps ``sink`` + ``window``."""
 
+    trial_independent: ClassVar[bool] = True  # the same window for every trial and row
     full_kv_heads: frozenset[KVHead]
     sink: int = 4
     window: int = 64
@@ -356,6 +357,7 @@ def simulate(
     config: DecodeConfig | None = None,
     progress: bool = False,
     shard: Shard | None = None,
+    batch_size: int | None = 1,
 ) -> KVSweep:
     """Answer ``trials`` under every condition of :func:`plan_kv_conditions`.
 
@@ -366,7 +368,9 @@ def simulate(
     (``kind="kv-sim"``; atomic, resumable) and the sweep's records are all of it. With
     ``shard`` (and ``out``) only the shard's share of the (condition, trial) pairs runs,
     condition-major, into ``out/shards/<i>-of-<N>/`` (:mod:`retrieval_heads.sharding`; merge
-    them with ``retrieval-heads merge``), and the sweep holds that share.
+    them with ``retrieval-heads merge``), and the sweep holds that share. ``batch_size``: the
+    trials of one condition and length run together (``None``: from free memory), as in
+    :func:`~retrieval_heads.scoring.detect`; the records do not change.
     """
     config = config or DecodeConfig()
     trials = list(trials)
@@ -405,9 +409,30 @@ def simulate(
     units = [  # condition-major: the shards' order
         Unit(f"{t.trial_id}|{c.tag}", t, c) for c in conditions for t in trials
     ]
+
+    def run_batch(units: list[Unit]) -> list[TrialRecord]:
+        from retrieval_heads.batched import score_batch
+
+        policy = units[0].condition.policy
+        prefill, decode = ([], []) if policy is None else policy.hooks(model)
+        trials = [u.item for u in units]
+        records = score_batch(model, trials, config, prefill_hooks=prefill, decode_hooks=decode)
+        return [
+            _kv_record(model, t, units[0].condition, r)
+            for t, r in zip(trials, records, strict=True)
+        ]
+
+    def batch_for(unit: Unit) -> int:
+        from retrieval_heads.batched import auto_batch_size
+
+        return batch_size or auto_batch_size(model, len(unit.item.input_ids))
+
     sweep.records = run_sweep(
         units,
         lambda unit: _run_trial(model, unit.item, unit.condition, config),
+        run_batch=None if batch_size == 1 else run_batch,
+        batch_key=lambda unit: (unit.condition.tag, len(unit.item.input_ids)),
+        batch_size=batch_for,
         out=out,
         model=model_name(model),
         kind="kv-sim",
@@ -423,8 +448,16 @@ def simulate(
 def _run_trial(
     model: HookedModel, trial: Trial, condition: KVCondition, config: DecodeConfig
 ) -> TrialRecord:
+    return _kv_record(
+        model, trial, condition, score_trial(model, trial, config, intervention=condition.policy)
+    )
+
+
+def _kv_record(
+    model: HookedModel, trial: Trial, condition: KVCondition, record: TrialRecord
+) -> TrialRecord:
+    """A scored trial as a kv-sim record: its condition, and the share of the cache kept."""
     policy = condition.policy
-    record = score_trial(model, trial, config, intervention=policy)
     length = len(trial.input_ids)
     share = (
         1.0

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from retrieval_heads.decoding import greedy
 from retrieval_heads.grading import classify_failure, grade
-from retrieval_heads.intervention import Intervention, check_intervention
+from retrieval_heads.intervention import Intervention, check_intervention, is_trial_independent
 from retrieval_heads.model import ContextLengthError, HookedModel, RowSink
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.runner import Unit, model_info, run_sweep
@@ -454,7 +454,8 @@ def detect(
     ``batch_size``: trials of one length scored together
     (:func:`~retrieval_heads.batched.score_batch`; the same records, masses within float
     rounding); ``None`` picks it from free memory
-    (:func:`~retrieval_heads.batched.auto_batch_size`). With an intervention or hooks, trials
+    (:func:`~retrieval_heads.batched.auto_batch_size`). With ``hooks``, or an intervention
+    whose hooks depend on the trial (not ``trial_independent``: resample, knockout), trials
     run one at a time.
     """
     _check_one_way(hooks, intervention)
@@ -471,11 +472,16 @@ def detect(
 
     run_batch: Callable[[list[Unit]], list[TrialRecord]] | None = None
     size: int | Callable[[Unit], int] = 1
-    if intervention is None and hooks is None and batch_size != 1:
+    if hooks is None and is_trial_independent(intervention) and batch_size != 1:
         from retrieval_heads.batched import auto_batch_size, score_batch
 
         def run_batch(units: list[Unit]) -> list[TrialRecord]:
-            return score_batch(model, [u.item for u in units], config)
+            prefill, decode = [], []
+            if intervention is not None:  # built once: the same for every trial and row
+                prefill = intervention.prefill_hooks(model, None)
+                decode = intervention.decode_hooks(model, None)
+            trials = [u.item for u in units]
+            return score_batch(model, trials, config, prefill_hooks=prefill, decode_hooks=decode)
 
         def batch_for(unit: Unit) -> int:
             length = len(unit.item.input_ids)

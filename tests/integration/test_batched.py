@@ -156,3 +156,66 @@ def test_auto_batch_size_follows_the_memory_a_trial_needs(tiny_model, monkeypatc
     assert auto_batch_size(tiny_model, 1000) == 1
     monkeypatch.setattr("retrieval_heads.batched.free_bytes", lambda device: 10**15)
     assert auto_batch_size(tiny_model, 1000) == 16
+
+
+def test_trial_independent_interventions_run_in_batches(
+    tiny_model, tiny_trials, tmp_path, monkeypatch
+):
+    from retrieval_heads import batched
+    from retrieval_heads.interventions import ResampleAblation, UniformAblation
+    from retrieval_heads.kvcache import KVPolicy
+
+    sizes = []
+    original = batched.score_batch
+
+    def counted(model, trials, *args, **kwargs):
+        sizes.append(len(trials))
+        return original(model, trials, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "score_batch", counted)
+    uniform = UniformAblation(["2.0", "2.1", "2.4"])
+    window = KVPolicy(frozenset({(2, 0)}), sink=4, window=16)
+    for name, intervention in (("uniform", uniform), ("window", window)):
+        one = detect(tiny_model, tiny_trials, out=tmp_path / f"{name}1", intervention=intervention)
+        sizes.clear()
+        four = detect(
+            tiny_model,
+            tiny_trials,
+            out=tmp_path / f"{name}4",
+            intervention=intervention,
+            batch_size=4,
+            require_pass=False,
+        )
+        assert sizes == [4, 2, 4, 2], name  # two lengths of 6 trials each
+        assert _comparable(tmp_path / f"{name}4") == _comparable(tmp_path / f"{name}1"), name
+        assert (four.values == one.values).all()
+    # a resample replays another trial per trial: its trials run one by one
+    sizes.clear()
+    resample = ResampleAblation(
+        ["2.0"], resample=_recorded(tiny_model, tiny_trials[1]), model=tiny_model
+    )
+    detect(tiny_model, tiny_trials[:2], intervention=resample, batch_size=4, require_pass=False)
+    assert sizes == []
+
+
+def _recorded(model, trial):
+    from retrieval_heads.decoding import greedy
+    from retrieval_heads.interventions import ZRecorder
+
+    recorder = ZRecorder(model)
+    ids = torch.tensor(trial.input_ids, dtype=torch.long)
+    greedy(model, ids, 60, decode_hooks=recorder.decode_hooks())
+    return recorder.result()
+
+
+def test_kv_sim_in_batches_writes_what_batch_1_writes(tiny_model, tiny_trials, tmp_path):
+    import numpy as np
+
+    from retrieval_heads.kvcache import simulate
+
+    scores = np.zeros((tiny_model.n_layers, tiny_model.n_heads))
+    scores[2, :4] = 1.0
+    kwargs = dict(ks=[0, 1], draws=1, window=16, uniform_windows=[32])
+    simulate(tiny_model, tiny_trials, scores, out=tmp_path / "one", **kwargs)
+    simulate(tiny_model, tiny_trials, scores, out=tmp_path / "four", batch_size=4, **kwargs)
+    assert _comparable(tmp_path / "four") == _comparable(tmp_path / "one")
