@@ -198,14 +198,15 @@ def ablate_grid(
 ) -> list[TrialRecord]:
     """Answer and score ``trials`` with ``heads`` ablated (``mode``, ``phase``).
 
-    Records carry the condition in ``params`` (see the module docstring): ``k`` defaults to the
-    number of heads, ``selection`` to ``"none"`` (no heads) or ``"custom"``. Trial ids are
-    ``"<trial id>|<tag>"``, ``tag`` defaulting to ``"<selection>|k=<K>|draw=<d>"``. ``mean``
-    mode uses ``mean_z`` or computes it once (:func:`~retrieval_heads.interventions.mean_head_z`,
-    every position of the first ``n_reference`` trials); ``resample`` replays, for each trial,
-    the next trial with another needle and haystack (:func:`resample_sources`); ``knockout``
-    blocks the target needle's span. With ``out``, records go to a results directory
-    (``kind="ablate"``; atomic, resumable) and the returned list is all of it, sorted by id.
+    Records carry the condition (a :class:`~retrieval_heads.conditions.HeadAblation`; see
+    :mod:`retrieval_heads.answering`): ``k`` defaults to the number of heads, ``selection`` to
+    ``"none"`` (no heads) or ``"custom"``. Trial ids are ``"<trial id>|<tag>"``, ``tag`` defaulting
+    to ``"<selection>|k=<K>|draw=<d>"``. ``mean`` mode uses ``mean_z`` or computes it once
+    (:func:`~retrieval_heads.interventions.mean_head_z`, every position of the first ``n_reference``
+    trials); ``resample`` replays, for each trial, the next trial with another needle and haystack
+    (:func:`resample_sources`); ``knockout`` blocks the target needle's span. With ``out``, records
+    go to a results directory (``kind="ablate"``; atomic, resumable) and the returned list is all of
+    it, sorted by id.
     With ``shard`` (and ``out``) only the shard's share of the trials runs, into
     ``out/shards/<i>-of-<N>/`` (:mod:`retrieval_heads.sharding`), and that share is returned.
     """
