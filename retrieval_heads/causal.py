@@ -9,12 +9,18 @@ stay intact. This module is the ablation runner behind those experiments, on any
 - :func:`ablate_grid` — answer (and score) trials with a set of heads ablated;
 - :func:`k_sweep` — top-K vs random-K (vs matched-layer-K) for a list of K, into one resumable
   results directory; summaries by :func:`retrieval_heads.analysis.summarise_k_sweep`;
-- :func:`answer_classes` — how the failures look (the hallucination analysis);
-- :func:`answer_trial`, :func:`ablation_hooks`, :func:`resample_sources` — one trial answered
-  and graded without scoring heads, the hooks of an ablation mode, a resample's sources.
+- :func:`answer_classes` — how the failures look (the hallucination analysis).
 
-Its neighbours:
+Both sweeps plan every (condition, trial) unit, condition-major, and run them with
+:func:`retrieval_heads.runner.run_sweep` (resume, shards, progress); each unit goes through
+``_run_one``, the seam tests replace to simulate an interruption. Its neighbours:
 
+- :mod:`retrieval_heads.ablation_hooks` — the hooks of an ablation mode for each trial
+  (:func:`~retrieval_heads.ablation_hooks.ablation_hooks`), a resample's sources
+  (:func:`~retrieval_heads.ablation_hooks.resample_sources`) and their recorded ``z``;
+- :mod:`retrieval_heads.answering` — one trial answered and graded by task without scoring
+  heads (:func:`~retrieval_heads.answering.answer_trial`), and the record of one trial under
+  one condition;
 - :mod:`retrieval_heads.selection` — which heads: :func:`~retrieval_heads.selection.top_heads`,
   the seeded controls :func:`~retrieval_heads.selection.random_heads` and
   :func:`~retrieval_heads.selection.matched_layer_heads`, and
@@ -25,9 +31,12 @@ Its neighbours:
 - :mod:`retrieval_heads.tiny.controls` — NIAH vs memorised facts vs chain following under the
   same ablations (``fact_trials``, ``chain_trials``, ``control_sweep``; embedded model only:
   its world defines the tasks). It imports this runner; this module never imports
-  :mod:`retrieval_heads.tiny`.
+  :mod:`retrieval_heads.tiny`, and never chooses heads itself.
 
-Choices, all explicit and recorded in every record's ``params`` and in the results' meta:
+The names that moved to those modules still answer here (``causal.answer_trial``,
+``causal.ablation_hooks``, ``causal.resample_sources``, ``causal.top_heads``, ...).
+
+Choices, all explicit and recorded in every record and in the results' meta:
 
 - a *condition* is ``(k, selection, draw)`` with its heads
   (:class:`~retrieval_heads.selection.Condition`; the selections ``"top"``, ``"random"``,
@@ -36,58 +45,40 @@ Choices, all explicit and recorded in every record's ``params`` and in the resul
   SHA-256-seeded ``random.Random``, :func:`~retrieval_heads.seeding.seeded_rng`);
 - an ablated record's trial id is ``"<trial id>|<selection>|k=<K>|draw=<d>"``, so one results
   directory holds every condition and a rerun resumes where it stopped;
-- records carry their condition as a typed
-  :class:`~retrieval_heads.conditions.HeadAblation` (``k``, ``selection``, ``draw``, ``heads``
-  as ``"L.H"`` labels, ``mode``, ``phase``, the id's ``tag``), and in ``params`` their
-  ``task`` and ``answer_class`` (:func:`~retrieval_heads.grading.classify_failure`
-  with the prompt's context, so ``in_context`` is possible), plus the mode's extras
-  (``blocked``, ``resample_from``, ``mean_reference``);
-- grading: NIAH trials as in detection (ROUGE-1 recall >= 0.5, the paper's criterion); facts by
-  exact match (an answer is a region and a town; half of it is not the fact); chains by the hop
-  list (``passed``: every hop right and in order; ``recall``: the share of hops right).
-  ``params["exact"]`` is recorded for every task.
+- records carry their condition as a typed :class:`~retrieval_heads.conditions.HeadAblation`,
+  and in ``params`` their ``task``, ``answer_class`` and ``exact`` and the mode's extras
+  (``blocked``, ``resample_from``, ``mean_reference``); grading is by task (NIAH, fact, chain).
+  Both are spelled out in :mod:`retrieval_heads.answering`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from retrieval_heads import analysis, patching, selection
-from retrieval_heads.conditions import HeadAblation
-from retrieval_heads.decoding import greedy
-from retrieval_heads.grading import FAILURE_KINDS, classify_failure, exact_match, grade
-from retrieval_heads.heads import Head, parse_heads
-from retrieval_heads.interventions import (
-    MODES,
-    PHASES,
-    Ablation,
-    Mode,
-    Phase,
-    ZRecorder,
-    check_uniform,
-    mean_head_z,
+from retrieval_heads import ablation_hooks as per_trial_hooks
+from retrieval_heads import analysis, answering, patching, selection
+from retrieval_heads.ablation_hooks import (
+    _check_mode,
+    _Recordings,
+    ablation_hooks,
+    resample_sources,
 )
+from retrieval_heads.answering import TASKS, _run_trial, answer_trial
+from retrieval_heads.conditions import HeadAblation
+from retrieval_heads.grading import FAILURE_KINDS, classify_failure
+from retrieval_heads.heads import Head, parse_heads
+from retrieval_heads.interventions import Mode, Phase, mean_head_z
 from retrieval_heads.model import HookedModel
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.runner import Unit, model_info, model_name, run_sweep
 from retrieval_heads.scores import HeadScores
-from retrieval_heads.scoring import (
-    ANSWER_ROOM,
-    DecodeConfig,
-    HooksFor,
-    check_lengths,
-    greedy_decode,
-    score_trial,
-)
+from retrieval_heads.scoring import DecodeConfig, HooksFor, check_lengths
 from retrieval_heads.selection import (
     SELECTIONS,
     Condition,
@@ -116,8 +107,6 @@ __all__ = [
     "top_heads",
 ]
 
-TASKS = ("niah", "fact", "chain")
-
 # Re-exports, for code written as ``causal.<name>`` (users' scripts and notebooks; the package,
 # the experiments and the tests now import these from where they live). ``top_heads``,
 # ``plan_conditions``, ``Condition`` and ``SELECTIONS`` (selection.py) are imported above for
@@ -126,6 +115,17 @@ random_heads = selection.random_heads  # retrieval_heads/selection.py
 matched_layer_heads = selection.matched_layer_heads  # retrieval_heads/selection.py
 patching_map = patching.patching_map  # retrieval_heads/patching.py
 patching_vs_scores = patching.patching_vs_scores  # retrieval_heads/patching.py
+
+# The hooks of an ablation and the answering of one trial lived here (ablation_hooks.py,
+# answering.py). Every name they had here still answers as ``causal.<name>``: the public ones
+# are imported above; the private ones (tiny.controls and the tests use some) follow.
+_needle_key = per_trial_hooks._needle_key  # retrieval_heads/ablation_hooks.py
+_haystack_key = per_trial_hooks._haystack_key  # retrieval_heads/ablation_hooks.py
+_budget = answering._budget  # retrieval_heads/answering.py
+_context_text = answering._context_text  # retrieval_heads/answering.py
+_grade = answering._grade  # retrieval_heads/answering.py
+_hops = answering._hops  # retrieval_heads/answering.py
+_task = answering._task  # retrieval_heads/answering.py
 
 # The embedded world's controls moved to retrieval_heads.tiny.controls. They are not re-exported
 # here (that would make this generic module import the tiny world); asking for one says where
@@ -143,280 +143,6 @@ def __getattr__(name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# hooks for a trial
-
-
-def resample_sources(trials: Sequence[Trial], phase: str = "decode") -> dict[str, Trial]:
-    """For each trial, the trial whose ``z`` a resample ablation replays.
-
-    The next trial in the list (cyclically) with another target needle and another haystack
-    window (another length or haystack offset); failing that, the next with another needle. In
-    phase ``"all"`` the prompt is replayed too, so the source must have the same length.
-    """
-    out: dict[str, Trial] = {}
-    n = len(trials)
-    for i, trial in enumerate(trials):
-        order = [trials[(i + j) % n] for j in range(1, n)]
-        if phase == "all":
-            order = [t for t in order if len(t.input_ids) == len(trial.input_ids)]
-        other_needle = [t for t in order if _needle_key(t) != _needle_key(trial)]
-        other_hay = [t for t in other_needle if _haystack_key(t) != _haystack_key(trial)]
-        pick = next(iter(other_hay or other_needle), None)
-        if pick is None:
-            raise ValueError(
-                f"trial {trial.trial_id}: no other trial with another needle"
-                + (" and the same length" if phase == "all" else "")
-                + " to resample from"
-            )
-        out[trial.trial_id] = pick
-    return out
-
-
-def _needle_key(trial: Trial) -> Any:
-    if trial.needles:
-        return trial.target.needle.needle_id
-    return ("answer", trial.answer)
-
-
-def _haystack_key(trial: Trial) -> Any:
-    p = trial.params
-    return (p.get("haystack"), p.get("haystack_offset"), trial.context_length)
-
-
-def _budget(trial: Trial, model: HookedModel, config: DecodeConfig) -> int:
-    if trial.needles:
-        return config.budget(trial, model)
-    wanted = config.max_new_tokens
-    if wanted is None:
-        n_answer = len(model.tokenizer(trial.answer, add_special_tokens=False)["input_ids"])
-        wanted = max(ANSWER_ROOM, n_answer + 8)  # the rule of DecodeConfig.budget
-    return max(1, min(wanted, model.n_ctx - trial.context_length + 1))
-
-
-class _Recordings:
-    """The ``z`` of every head on resample sources, recorded once per (source, phase)."""
-
-    def __init__(self, model: HookedModel, config: DecodeConfig) -> None:
-        self.model = model
-        self.config = config
-        self._store: dict[tuple[str, str, int], Any] = {}
-
-    @torch.no_grad()
-    def get(self, source: Trial, phase: str, n_steps: int) -> Any:
-        key = (source.trial_id, phase, n_steps)
-        if key not in self._store:
-            model = self.model
-            ids = torch.tensor(source.input_ids, dtype=torch.long, device=model.device)
-            rec = ZRecorder(model)
-            # As in score_trial (the same loop): prefill all but the last prompt token, feed it
-            # as step 0, then n_steps steps in all, never stopping early.
-            greedy(
-                model,
-                ids,
-                n_steps,
-                prefill_hooks=rec.prefill_hooks() if phase == "all" else (),
-                decode_hooks=rec.decode_hooks(),
-            )
-            self._store[key] = rec.result()
-        return self._store[key]
-
-
-def ablation_hooks(
-    model: HookedModel,
-    heads: Iterable[Head | str] | str,
-    mode: str = "uniform",
-    *,
-    phase: str = "decode",
-    trials: Sequence[Trial] = (),
-    mean_z: Tensor | None = None,
-    config: DecodeConfig | None = None,
-    _recordings: _Recordings | None = None,
-) -> tuple[HooksFor | None, Callable[[Trial], dict[str, Any]]]:
-    """``(hooks, extras)``: the scorer's per-trial hook function and the params it adds.
-
-    ``hooks(trial) -> (prefill_hooks, decode_hooks)`` (``None`` when no head is ablated);
-    ``extras(trial)`` says what the mode did on that trial. ``knockout`` blocks every target
-    needle's span (the whole needle sentence); ``mean`` needs ``mean_z``; ``resample`` replays
-    the source of :func:`resample_sources` over ``trials``.
-    """
-    _check_mode(mode, phase, model)
-    selected = sorted(set(parse_heads(heads if isinstance(heads, str) else list(heads))))
-    for h in selected:
-        h.check(model.n_layers, model.n_heads)
-    config = config or DecodeConfig()
-    if not selected:
-        return None, lambda trial: {}
-    if mode == "mean" and mean_z is None:
-        raise ValueError("mode 'mean' needs mean_z= (see interventions.mean_head_z)")
-    sources = resample_sources(trials, phase) if mode == "resample" else {}
-    recordings = _recordings or _Recordings(model, config)
-
-    def build(trial: Trial) -> Ablation:
-        if mode == "knockout":
-            if not trial.targets:
-                raise ValueError(f"trial {trial.trial_id} has no needle to knock out")
-            blocked = sorted({p for t in trial.targets for p in range(*t.span)})
-            return Ablation(selected, mode, phase, blocked_positions=blocked, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
-        if mode == "mean":
-            return Ablation(selected, mode, phase, mean_z=mean_z, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
-        if mode == "resample":
-            if trial.trial_id not in sources:
-                raise ValueError(f"trial {trial.trial_id} is not among the trials given")
-            source = sources[trial.trial_id]
-            n_steps = max(_budget(trial, model, config), _budget(source, model, config))
-            recorded = recordings.get(source, phase, n_steps)
-            return Ablation(selected, mode, phase, resample=recorded, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
-        return Ablation(selected, mode, phase, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
-
-    def hooks(trial: Trial):
-        ablation = build(trial)
-        return ablation.prefill_hooks(model), ablation.decode_hooks(model)
-
-    def extras(trial: Trial) -> dict[str, Any]:
-        if mode == "knockout":
-            return {"blocked": [list(t.span) for t in trial.targets]}
-        if mode == "resample":
-            return {"resample_from": sources[trial.trial_id].trial_id}
-        return {}
-
-    return hooks, extras
-
-
-# ---------------------------------------------------------------------------------------------
-# answering one trial
-
-
-def _task(trial: Trial) -> str:
-    return str(trial.params.get("task", "niah"))
-
-
-def _hops(text: str) -> list[str]:
-    return [" ".join(part.split()) for part in text.split(",") if part.strip()]
-
-
-@torch.no_grad()
-def answer_trial(
-    model: HookedModel,
-    trial: Trial,
-    config: DecodeConfig | None = None,
-    hooks: HooksFor | None = None,
-) -> TrialRecord:
-    """Greedily answer a trial and grade it, without scoring heads.
-
-    For trials whose answer is not copied from a needle (memorised facts: ``needles=()``),
-    where a retrieval score means nothing; the record has no head scores (``scores`` is empty)
-    and no copy events. Decoding is :func:`~retrieval_heads.scoring.greedy_decode`, as in
-    ``score_trial`` (the last prompt token is fed as the first decode step; stop at EOS or a
-    stop string), so ablation hooks act on exactly the same steps. Grading depends on ``params["task"]`` (see the module docstring).
-    """
-    config = config or DecodeConfig()
-    began = time.perf_counter()
-    ids = torch.tensor(trial.input_ids, dtype=torch.long, device=model.device)
-    prefill_hooks, decode_hooks = hooks(trial) if hooks else ([], [])
-    generated, stopped_by = greedy_decode(
-        model,
-        ids,
-        _budget(trial, model, config),
-        config,
-        prefill_hooks=prefill_hooks,
-        decode_hooks=decode_hooks,
-    )
-    text = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
-    passed, recall = _grade(trial, text, config)
-    params = dict(trial.params)
-    params.update(
-        context_length=trial.context_length,
-        depth_percent=trial.depth_percent,
-        stopped_by=stopped_by,
-    )
-    return TrialRecord(
-        trial_id=trial.trial_id,
-        params=params,
-        expected=trial.answer,
-        generated_ids=generated,
-        generated_text=text,
-        passed=passed,
-        recall=recall,
-        reason=None if passed else classify_failure(text, trial.answer, stopped_by=stopped_by),
-        scores={},
-        copy_events=[],
-        n_layers=model.n_layers,
-        n_heads=model.n_heads,
-        elapsed_s=round(time.perf_counter() - began, 4),
-    )
-
-
-def _grade(trial: Trial, text: str, config: DecodeConfig) -> tuple[bool, float]:
-    task = _task(trial)
-    if task == "chain":
-        want = [" ".join(h.split()) for h in trial.params["hops"]]
-        got = _hops(text)
-        right = sum(1 for a, b in zip(got, want, strict=False) if a == b)
-        return got == want, right / len(want)
-    verdict = grade(text, trial.answer, threshold=config.pass_threshold)
-    if task == "fact":
-        return verdict.exact, verdict.recall
-    return verdict.passed, verdict.recall
-
-
-def _context_text(model: HookedModel, trial: Trial) -> str:
-    start, end = trial.context_span
-    return model.tokenizer.decode(list(trial.input_ids[start:end]), skip_special_tokens=True)
-
-
-def _run_trial(
-    model: HookedModel,
-    trial: Trial,
-    condition: Condition,
-    *,
-    mode: str,
-    phase: str,
-    config: DecodeConfig,
-    hooks: HooksFor | None,
-    extras: Callable[[Trial], dict[str, Any]],
-    tag: str | None = None,
-    extra_params: Mapping[str, Any] | None = None,
-) -> TrialRecord:
-    task = _task(trial)
-    if task == "niah":
-        record = score_trial(model, trial, config, hooks)
-    else:
-        record = answer_trial(model, trial, config, hooks)
-    distractors = [p.needle.answer for p in trial.distractors] if task == "niah" else []
-    answer_class = (
-        "correct"
-        if record.passed
-        else classify_failure(
-            record.generated_text,
-            trial.answer,
-            distractor_answers=distractors,
-            context=_context_text(model, trial),
-            threshold=config.pass_threshold,
-            stopped_by=record.params.get("stopped_by"),
-        )
-    )
-    if not record.passed and answer_class == "correct":
-        answer_class = "partial"  # passes ROUGE but not the task's stricter criterion
-    params = dict(record.params)
-    params.update(
-        task=task,
-        base_trial_id=trial.trial_id,
-        answer_class=answer_class,
-        exact=exact_match(record.generated_text, trial.answer),
-        **extras(trial),
-        **dict(extra_params or {}),
-    )
-    ablation = HeadAblation.of(condition, mode, phase, tag)
-    return dataclasses.replace(
-        record,
-        trial_id=f"{trial.trial_id}|{ablation.tag}",
-        params=params,
-        reason=None if answer_class == "correct" else answer_class,
-        condition=ablation,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # NIAH under ablation
 
 
@@ -427,15 +153,6 @@ def _trials_digest(trials: Sequence[Trial]) -> str:
 
 def _decode_dict(config: DecodeConfig) -> dict[str, Any]:
     return config.__dict__ | {"stop_strings": list(config.stop_strings)}
-
-
-def _check_mode(mode: str, phase: str, model: HookedModel) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown ablation mode {mode!r}; the modes are {', '.join(MODES)}")
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
-    if mode == "uniform":
-        check_uniform(model)
 
 
 def _check_trials(trials: Sequence[Trial]) -> None:
@@ -481,14 +198,15 @@ def ablate_grid(
 ) -> list[TrialRecord]:
     """Answer and score ``trials`` with ``heads`` ablated (``mode``, ``phase``).
 
-    Records carry the condition in ``params`` (see the module docstring): ``k`` defaults to the
-    number of heads, ``selection`` to ``"none"`` (no heads) or ``"custom"``. Trial ids are
-    ``"<trial id>|<tag>"``, ``tag`` defaulting to ``"<selection>|k=<K>|draw=<d>"``. ``mean``
-    mode uses ``mean_z`` or computes it once (:func:`~retrieval_heads.interventions.mean_head_z`,
-    every position of the first ``n_reference`` trials); ``resample`` replays, for each trial,
-    the next trial with another needle and haystack (:func:`resample_sources`); ``knockout``
-    blocks the target needle's span. With ``out``, records go to a results directory
-    (``kind="ablate"``; atomic, resumable) and the returned list is all of it, sorted by id.
+    Records carry the condition (a :class:`~retrieval_heads.conditions.HeadAblation`; see
+    :mod:`retrieval_heads.answering`): ``k`` defaults to the number of heads, ``selection`` to
+    ``"none"`` (no heads) or ``"custom"``. Trial ids are ``"<trial id>|<tag>"``, ``tag`` defaulting
+    to ``"<selection>|k=<K>|draw=<d>"``. ``mean`` mode uses ``mean_z`` or computes it once
+    (:func:`~retrieval_heads.interventions.mean_head_z`, every position of the first ``n_reference``
+    trials); ``resample`` replays, for each trial, the next trial with another needle and haystack
+    (:func:`resample_sources`); ``knockout`` blocks the target needle's span. With ``out``, records
+    go to a results directory (``kind="ablate"``; atomic, resumable) and the returned list is all of
+    it, sorted by id.
     With ``shard`` (and ``out``) only the shard's share of the trials runs, into
     ``out/shards/<i>-of-<N>/`` (:mod:`retrieval_heads.sharding`), and that share is returned.
     """

@@ -11,8 +11,8 @@ before it is kept. Its callers:
   stop string, that token dropped (``"stop"``);
 - :func:`retrieval_heads.cot.generate` — stops at EOS (dropped) or when the text so far holds a
   stop string (the token kept, the text cut there);
-- ``retrieval_heads.causal._Recordings`` — records every head's ``z`` over a fixed number of
-  steps, never stopping.
+- ``retrieval_heads.ablation_hooks._Recordings`` — records every head's ``z`` over a fixed
+  number of steps, never stopping.
 """
 
 from __future__ import annotations

@@ -260,3 +260,20 @@ def test_question_round_trips_through_to_dict():
         {"id": "x", "kind": "choice", "question": "Q?", "choices": CHOICES, "answer": "rome"}
     )
     assert parse_question(q.to_dict()) == q
+
+
+def test_cot_keeps_every_name_questions_took_over():
+    """``cot.<name>`` and ``from retrieval_heads.cot import <name>`` still give the questions and
+    graders now living in ``questions.py``, the same objects, and ``cot`` stays torch-free."""
+    import subprocess
+    import sys
+
+    from retrieval_heads import questions
+
+    moved = [*questions.__all__, "LETTERS", "F1_THRESHOLD", "_normalize", "_parse_number"]
+    for name in [*moved, "_format_number", "_choice_letter", "_NUMBER", "_MARKER"]:
+        assert getattr(cot, name) is getattr(questions, name), name
+    assert set(questions.__all__) <= set(cot.__all__)
+    code = "import sys, retrieval_heads.cot\nprint('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
