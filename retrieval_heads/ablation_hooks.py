@@ -149,17 +149,17 @@ def ablation_hooks(
             if not trial.targets:
                 raise ValueError(f"trial {trial.trial_id} has no needle to knock out")
             blocked = sorted({p for t in trial.targets for p in range(*t.span)})
-            return Ablation(selected, mode, phase, blocked_positions=blocked, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
+            return Ablation(selected, mode, phase, blocked_positions=blocked, model=model)
         if mode == "mean":
-            return Ablation(selected, mode, phase, mean_z=mean_z, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
+            return Ablation(selected, mode, phase, mean_z=mean_z, model=model)
         if mode == "resample":
             if trial.trial_id not in sources:
                 raise ValueError(f"trial {trial.trial_id} is not among the trials given")
             source = sources[trial.trial_id]
             n_steps = max(_budget(trial, model, config), _budget(source, model, config))
             recorded = recordings.get(source, phase, n_steps)
-            return Ablation(selected, mode, phase, resample=recorded, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
-        return Ablation(selected, mode, phase, model=model)  # type: ignore[call-arg, misc, arg-type]  # the metaclass makes Ablation(heads, mode, ...) a factory
+            return Ablation(selected, mode, phase, resample=recorded, model=model)
+        return Ablation(selected, mode, phase, model=model)
 
     def hooks(trial: Trial):
         ablation = build(trial)

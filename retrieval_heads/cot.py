@@ -333,7 +333,7 @@ def run(
         if position not in built:  # a condition's hooks, built when its first unit runs
             hooks: tuple[list, list] = ([], [])
             if condition.heads:
-                ablation = ablate(model, list(condition.heads), mode, phase=phase)  # type: ignore[arg-type]  # checked by ablate
+                ablation = ablate(model, list(condition.heads), mode, phase=phase)
                 hooks = (ablation.prefill_hooks(model), ablation.decode_hooks(model))
             built[position] = hooks
         prefill_hooks, decode_hooks = built[position]
