@@ -159,9 +159,14 @@ def _run_trial(
     extras: Callable[[Trial], dict[str, Any]],
     tag: str | None = None,
     extra_params: Mapping[str, Any] | None = None,
+    scored: TrialRecord | None = None,
 ) -> TrialRecord:
+    """One trial under ``condition`` as an ablation record (``scored``: its record from the
+    scorer already, when it ran in a batch)."""
     task = _task(trial)
-    if task == "niah":
+    if scored is not None:
+        record = scored
+    elif task == "niah":
         record = score_trial(model, trial, config, hooks)
     else:
         record = answer_trial(model, trial, config, hooks)

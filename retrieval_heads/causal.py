@@ -195,6 +195,7 @@ def ablate_grid(
     n_reference: int = 8,
     progress: bool = False,
     shard: Shard | None = None,
+    batch_size: int | None = 1,
 ) -> list[TrialRecord]:
     """Answer and score ``trials`` with ``heads`` ablated (``mode``, ``phase``).
 
@@ -247,6 +248,7 @@ def ablate_grid(
         tag=tag,
         extra=extra,
         shard=shard,
+        batch_size=batch_size,
     )
 
 
@@ -267,8 +269,13 @@ def _execute(
     extra: Mapping[str, Any] | None = None,
     kind: str = "ablate",
     shard: Shard | None = None,
+    batch_size: int | None = 1,
 ) -> list[TrialRecord]:
-    """Plan every (condition, trial) unit, condition-major, and run them with the runner."""
+    """Plan every (condition, trial) unit, condition-major, and run them with the runner.
+
+    ``batch_size`` (``None``: from free memory): NIAH trials of one condition and length run
+    together when the mode's hooks ignore the trial (uniform, zero, mean; resample and
+    knockout, and fact and chain trials, run one by one); the records do not change."""
     # What would fail on the first trial fails here, before a results directory is made: a
     # directory made for a run that cannot run would refuse the corrected rerun.
     check_lengths(model, trials)
@@ -306,6 +313,46 @@ def _execute(
             extra_params=extra,
         )
 
+    def batchable(unit: Unit) -> bool:
+        _, condition = unit.condition
+        return _task(unit.item) == "niah" and (not condition.heads or mode in BATCHABLE_MODES)
+
+    def run_batch(batch: list[Unit]) -> list[TrialRecord]:
+        if len(batch) == 1:
+            return [run_unit(batch[0])]
+        from retrieval_heads.batched import score_batch
+
+        position, condition = batch[0].condition
+        hooks, extras = ablation_hooks(
+            model, condition.heads, mode, phase=phase, trials=trials, mean_z=mean_z, config=config
+        )
+        prefill, decode = hooks(batch[0].item) if hooks else ([], [])  # the same for all
+        batch_trials = [u.item for u in batch]
+        scored = score_batch(
+            model, batch_trials, config, prefill_hooks=prefill, decode_hooks=decode
+        )
+        return [
+            _run_trial(
+                model,
+                trial,
+                condition,
+                mode=mode,
+                phase=phase,
+                config=config,
+                hooks=hooks,
+                extras=extras,
+                tag=tag,
+                extra_params=extra,
+                scored=record,
+            )
+            for trial, record in zip(batch_trials, scored, strict=True)
+        ]
+
+    def batch_for(unit: Unit) -> int:
+        from retrieval_heads.batched import auto_batch_size
+
+        return batch_size or auto_batch_size(model, len(unit.item.input_ids))
+
     units = [
         Unit(f"{t.trial_id}|{tag or condition.tag}", t, (position, condition))
         for position, condition in enumerate(conditions)
@@ -314,6 +361,11 @@ def _execute(
     return run_sweep(
         units,
         run_unit,
+        run_batch=None if batch_size == 1 else run_batch,
+        batch_key=lambda u: (
+            (u.condition[0], len(u.item.input_ids)) if batchable(u) else u.record_id
+        ),
+        batch_size=batch_for,
         out=out,
         model=model_name(model),
         kind=kind,
@@ -323,6 +375,10 @@ def _execute(
         shard=shard,
         progress="ablation trials" if progress else False,
     )
+
+
+# The modes whose hooks ignore the trial and treat every row alike: they may run in batches.
+BATCHABLE_MODES = ("uniform", "zero", "mean")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +412,7 @@ def k_sweep(
     n_reference: int = 8,
     score_source: str | None = None,
     shard: Shard | None = None,
+    batch_size: int | None = 1,
 ) -> list[TrialRecord]:
     """Ablate the top-K heads, and K random (and layer-matched) heads, for every K.
 
@@ -427,6 +484,7 @@ def k_sweep(
         seed=seed,
         extra=extra,
         shard=shard,
+        batch_size=batch_size,
     )
 
 
