@@ -31,6 +31,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     # detect
     "detect": "retrieval_heads.scoring",
     "score_trial": "retrieval_heads.scoring",
+    "score_batch": "retrieval_heads.batched",
     "DecodeConfig": "retrieval_heads.scoring",
     # choose heads
     "top_heads": "retrieval_heads.selection",
@@ -52,8 +53,13 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "k_sweep": "retrieval_heads.causal",
     "summarise_k_sweep": "retrieval_heads.analysis",
     "kv_simulate": ("retrieval_heads.kvcache", "simulate"),
+    "run_sweep": "retrieval_heads.runner",
+    "Unit": "retrieval_heads.runner",
     # load results
     "load_results": "retrieval_heads.store",
+    "load_run": "retrieval_heads.store",
+    "HeadAblation": "retrieval_heads.conditions",
+    "KVWindow": "retrieval_heads.conditions",
     "HeadScores": "retrieval_heads.scores",
     "TrialRecord": "retrieval_heads.records",
     "import_published": "retrieval_heads.published",
@@ -83,7 +89,10 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.analysis import summarise_k_sweep as summarise_k_sweep
+    from retrieval_heads.batched import score_batch as score_batch
     from retrieval_heads.causal import k_sweep as k_sweep
+    from retrieval_heads.conditions import HeadAblation as HeadAblation
+    from retrieval_heads.conditions import KVWindow as KVWindow
     from retrieval_heads.hooknames import get_act_name as get_act_name
     from retrieval_heads.intervention import Intervention as Intervention
     from retrieval_heads.intervention import UserIntervention as UserIntervention
@@ -105,6 +114,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.published import import_published as import_published
     from retrieval_heads.records import TrialRecord as TrialRecord
     from retrieval_heads.registry import ModelLoadError as ModelLoadError
+    from retrieval_heads.runner import Unit as Unit
+    from retrieval_heads.runner import run_sweep as run_sweep
     from retrieval_heads.scores import HeadScores as HeadScores
     from retrieval_heads.scoring import DecodeConfig as DecodeConfig
     from retrieval_heads.scoring import detect as detect
@@ -113,6 +124,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.selection import random_heads as random_heads
     from retrieval_heads.selection import top_heads as top_heads
     from retrieval_heads.store import load_results as load_results
+    from retrieval_heads.store import load_run as load_run
     from retrieval_heads.trials import make_trials as make_trials
     from retrieval_heads.views.figures import effect_heatmap as effect_heatmap
     from retrieval_heads.views.figures import k_sweep_figure as k_sweep_figure
