@@ -51,7 +51,7 @@ def cmd_detect(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from retrieval_heads import analysis, causal
+    from retrieval_heads import causal, summaries
     from retrieval_heads.scoring import DecodeConfig
 
     model, scores = inputs.model_and_scores(args)
@@ -75,7 +75,7 @@ def cmd_ablate(args) -> int:
         shard=args.shard,
     )
     if args.shard is None:
-        print(analysis.format_k_sweep(analysis.summarise_k_sweep(records)))
+        print(summaries.format_k_sweep(summaries.summarise_k_sweep(records)))
     return 0
 
 
@@ -112,14 +112,14 @@ def sharded(command):
 
 
 def print_merged(merged, top: int) -> None:
-    from retrieval_heads import analysis
+    from retrieval_heads import summaries
     from retrieval_heads.scores import HeadScores
 
     print(f"merged {merged.count} shards: {len(merged.records)} trials -> {merged.path}")
     if merged.kind == "detect":
         print_top(HeadScores.from_records(merged.records), top)
     elif merged.kind == "ablate":
-        print(analysis.format_k_sweep(analysis.summarise_k_sweep(merged.records)))
+        print(summaries.format_k_sweep(summaries.summarise_k_sweep(merged.records)))
     elif merged.kind == "kv-sim":
         print_kv_sim(merged.path, merged.records, merged.meta)
 
@@ -195,11 +195,11 @@ def print_kv_sim(out: Path, records, meta: dict, tolerance: float = 0.05) -> Non
     """The curve of a finished KV-cache simulation, and its exported smallest sufficient set."""
     import numpy as np
 
-    from retrieval_heads import analysis, kvcache
+    from retrieval_heads import kvcache, summaries
     from retrieval_heads.views._layers import layer_windows_from_meta
 
-    curve = analysis.kv_curve(records)
-    print(analysis.format_kv_curve(curve))
+    curve = summaries.kv_curve(records)
+    print(summaries.format_kv_curve(curve))
     windows = layer_windows_from_meta(meta, records[0].n_layers) if records else None
     chosen, paths = kvcache.export_chosen(
         out,
@@ -215,10 +215,10 @@ def print_kv_sim(out: Path, records, meta: dict, tolerance: float = 0.05) -> Non
         f"{paths['duo_tsv'].parent}/ (DuoAttention layout)"
     )
     # what the listing just written says, from the values it was written from
-    if not analysis.is_sufficient(chosen, curve, tolerance):
+    if not summaries.is_sufficient(chosen, curve, tolerance):
         print(
             f"warning: no K measured keeps accuracy within {tolerance} of the full cache's "
-            f"{analysis.baseline_accuracy(curve):.3f}; exported the largest K measured. Add larger "
+            f"{summaries.baseline_accuracy(curve):.3f}; exported the largest K measured. Add larger "
             "K to --top-k, or a wider --window, to find a sufficient set"
         )
     exported = kvcache.top_kv_heads(np.asarray(meta["config"]["kv_scores"]), chosen.k)
