@@ -4,6 +4,8 @@ Per head: the mean over *passing* trials (the paper's retrieval score), std, n, 
 CI, the mean over all trials, and the per-trial scores themselves; rankings, top-K, the
 grouped-query kv-head aggregate; the ``head_scores.json`` form (``to_dict``/``from_dict``,
 ``save``/``load``), and ``MAX_RESAMPLES``, the most bootstrap draws a stored file may ask for.
+The arithmetic of those statistics and of the kv-head aggregate (``group_kv_heads``, imported
+from here as before) is :mod:`~retrieval_heads.score_stats`'s: plain arrays in, arrays out.
 
 ``head_scores.json`` is byte-deterministic: the same records give the same bytes (trials sorted by
 id, heads in (layer, head) order, a seeded bootstrap, no timestamps: timing lives in ``meta.json``).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -37,24 +39,14 @@ from retrieval_heads.files import (
 )
 from retrieval_heads.heads import Head
 from retrieval_heads.records import TrialRecord
+from retrieval_heads.score_stats import KVReduce as KVReduce
+from retrieval_heads.score_stats import NaNPolicy as NaNPolicy
+from retrieval_heads.score_stats import group_kv_heads, head_statistics
 
 __all__ = ["HeadScores", "MAX_RESAMPLES", "group_kv_heads"]
 
-KVReduce = Literal["max", "mean"]
-NaNPolicy = Literal["ignore", "zero"]
-
-
 #: The most bootstrap resamples a stored file may ask for (the default is 1,000).
 MAX_RESAMPLES = 100_000
-
-
-def _sum_trials(table: np.ndarray) -> np.ndarray:
-    """Sum ``[trial, layer, head]`` over trials with numpy's pairwise summation (it applies only
-    along a contiguous axis), so a head's mean equals ``np.mean`` of its list bit for bit."""
-    n_trials = table.shape[0]
-    # An explicit width: reshape(0, -1) is ambiguous (no passing trial at all).
-    flat = np.ascontiguousarray(table.reshape(n_trials, math.prod(table.shape[1:])).T)
-    return flat.sum(axis=1).reshape(table.shape[1:])
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -233,56 +225,14 @@ class HeadScores:
     # -- statistics ----------------------------------------------------------------------------
 
     def _compute(self) -> None:
-        passing = self.values[self.passed]
-        valid = ~np.isnan(passing)
-        filled = np.where(valid, passing, 0.0)
-        n = valid.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = _sum_trials(filled) / n
-            dev = np.where(valid, passing - mean, 0.0)
-            std = np.sqrt(_sum_trials(dev**2) / (n - 1))
-        mean = np.where(n > 0, mean, np.nan)
-        std = np.where(n > 1, std, np.nan)
-        valid_all = ~np.isnan(self.values)
-        n_all = valid_all.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_all = _sum_trials(np.where(valid_all, self.values, 0.0)) / n_all
-        mean_all = np.where(n_all > 0, mean_all, np.nan)
-        lo, hi = self._bootstrap(filled, valid)
-        absent = ~self.present
-        for arr in (mean, std, lo, hi, mean_all):
-            arr[absent] = np.nan
-        self._stats = {
-            "mean": mean,
-            "std": std,
-            "n": n.astype(np.int64),
-            "ci_low": lo,
-            "ci_high": hi,
-            "mean_all": mean_all,
-            "n_all": n_all.astype(np.int64),
-        }
-
-    def _bootstrap(self, filled: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Percentile bootstrap of the mean, vectorised: resample weights @ scores."""
-        n_trials = filled.shape[0]
-        shape = filled.shape[1:]
-        if n_trials == 0:
-            return np.full(shape, np.nan), np.full(shape, np.nan)
-        rng = np.random.default_rng(self.seed)
-        weights = rng.multinomial(
-            n_trials, np.full(n_trials, 1.0 / n_trials), size=self.n_resamples
-        ).astype(np.float64)
-        flat = filled.reshape(n_trials, -1)
-        counts = weights @ valid.reshape(n_trials, -1).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = (weights @ flat) / counts
-        alpha = (1.0 - self.confidence) / 2.0
-        if np.isnan(means).any():
-            with np.errstate(invalid="ignore"), _quiet_nan_warnings():
-                lo, hi = np.nanquantile(means, [alpha, 1.0 - alpha], axis=0)
-        else:
-            lo, hi = np.quantile(means, [alpha, 1.0 - alpha], axis=0)
-        return lo.reshape(shape), hi.reshape(shape)
+        self._stats = head_statistics(
+            self.values,
+            self.passed,
+            self.present,
+            n_resamples=self.n_resamples,
+            seed=self.seed,
+            confidence=self.confidence,
+        )
 
     def _stat(self, name: str) -> np.ndarray:
         if not self._stats:
@@ -523,47 +473,3 @@ class HeadScores:
             f"HeadScores(scorer={self.scorer!r}, {self.n_layers}x{self.n_heads} heads, "
             f"{self.n_passed}/{self.n_total} passing trials)"
         )
-
-
-def group_kv_heads(
-    table: np.ndarray, n_kv_heads: int, reduce: KVReduce = "max", *, nan: NaNPolicy = "ignore"
-) -> np.ndarray:
-    """Aggregate a ``[layer, head]`` query-head table to ``[layer, kv_head]`` (GQA).
-
-    Query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)``; ``reduce`` (``"max"`` or
-    ``"mean"``) combines each group. The one place NaN (an unscored head) is handled, by
-    ``nan``: ``"ignore"`` leaves unscored heads out of their group (NaN only where a whole group
-    is unscored; :meth:`HeadScores.kv_heads`), ``"zero"`` counts them as score 0 (never NaN;
-    :func:`retrieval_heads.kvcache.kv_head_scores`, which ranks KV heads).
-    """
-    if reduce not in ("max", "mean"):
-        raise ValueError(f"unknown reduction {reduce!r}: use one of max, mean")
-    if nan not in ("ignore", "zero"):
-        raise ValueError(f"unknown NaN policy {nan!r}: use 'ignore' or 'zero'")
-    table = np.asarray(table, dtype=np.float64)
-    n_layers, n_heads = table.shape
-    if n_kv_heads < 1 or n_heads % n_kv_heads:
-        raise ValueError(
-            f"{n_heads} query heads do not split over {n_kv_heads} KV heads "
-            f"(n_kv_heads={n_kv_heads} must divide the number of query heads)"
-        )
-    grouped = table.reshape(n_layers, n_kv_heads, n_heads // n_kv_heads)
-    if nan == "zero":
-        grouped = np.nan_to_num(grouped, nan=0.0)
-        return grouped.max(axis=-1) if reduce == "max" else grouped.mean(axis=-1)
-    with _quiet_nan_warnings():
-        return np.nanmax(grouped, axis=-1) if reduce == "max" else np.nanmean(grouped, axis=-1)
-
-
-class _quiet_nan_warnings:
-    """Silence numpy's all-NaN-slice RuntimeWarnings inside a block."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)

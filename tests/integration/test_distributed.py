@@ -34,6 +34,7 @@ import pytest
 from support import ABLATE, DETECT, N_ABLATE, N_DETECT, records, subprocess_env
 
 from retrieval_heads import cli as cli_module
+from retrieval_heads.cli import inputs as cli_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,15 +43,15 @@ TIMEOUT = 300
 
 def in_process(argv: list, model=None) -> str:
     """``cli.main(argv)`` in this process (``model`` stands in for loading); its stdout."""
-    saved = cli_module.load
+    saved = cli_inputs.load
     if model is not None:
-        cli_module.load = lambda args: model
+        cli_inputs.load = lambda args: model
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             assert cli_module.main([str(a) for a in argv]) == 0
     finally:
-        cli_module.load = saved
+        cli_inputs.load = saved
     return out.getvalue()
 
 

@@ -38,6 +38,7 @@ from support import subprocess_env
 
 from retrieval_heads import cli as cli_module
 from retrieval_heads import registry
+from retrieval_heads.cli import inputs as cli_inputs
 from retrieval_heads.files import ResultsError
 from retrieval_heads.store import ResultsDir, load_results
 
@@ -97,8 +98,8 @@ def snapshot(*roots: Path) -> dict[str, str | None]:
 
 
 def loader(model):
-    """A stand-in for ``cli.load``: the given loaded model for plain ``--model tiny``."""
-    original = cli_module.load
+    """A stand-in for ``cli.inputs.load``: the given loaded model for plain ``--model tiny``."""
+    original = cli_inputs.load
 
     def load(args):
         plain = (args.device, args.dtype, args.n_ctx, args.trust_remote_code) == (
@@ -116,7 +117,7 @@ def loader(model):
 @pytest.fixture
 def cli(monkeypatch, capsys, tiny_model):
     """``cli(*argv) -> Run``: ``cli.main`` in-process, stdout and stderr captured."""
-    monkeypatch.setattr(cli_module, "load", loader(tiny_model))
+    monkeypatch.setattr(cli_inputs, "load", loader(tiny_model))
 
     def run(*argv) -> Run:
         argv = [str(a) for a in argv]
@@ -132,13 +133,13 @@ def cli(monkeypatch, capsys, tiny_model):
 def finished(tmp_path_factory, tiny_model) -> Path:
     """A finished ``detect --model tiny`` results directory (2 trials); copy it to change it."""
     out = tmp_path_factory.mktemp("finished") / "detect"
-    saved = cli_module.load
-    cli_module.load = loader(tiny_model)
+    saved = cli_inputs.load
+    cli_inputs.load = loader(tiny_model)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert cli_module.main(["detect", "--model", "tiny", *GRID, "--out", str(out)]) == 0
     finally:
-        cli_module.load = saved
+        cli_inputs.load = saved
     return out
 
 

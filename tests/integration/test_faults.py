@@ -30,6 +30,7 @@ import pytest
 from support import ABLATE, DETECT, N_ABLATE, N_DETECT, records, subprocess_env
 
 from retrieval_heads import cli as cli_module
+from retrieval_heads.cli import inputs as cli_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -181,13 +182,13 @@ def kill_repeatedly(argv: list, out: Path, cwd: Path, points) -> int:
 
 
 def in_process(argv: list, model) -> None:
-    saved = cli_module.load
-    cli_module.load = lambda args: model
+    saved = cli_inputs.load
+    cli_inputs.load = lambda args: model
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert cli_module.main([str(a) for a in argv]) == 0
     finally:
-        cli_module.load = saved
+        cli_inputs.load = saved
 
 
 @pytest.fixture(scope="module")
