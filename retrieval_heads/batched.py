@@ -10,8 +10,9 @@ rounding (a batched matrix product may add in another order).
 
 Hooks given here act on the whole batch, so they must treat every row alike and not depend on
 the trial (an ablation of fixed heads, a KV window); an intervention that is built per trial
-(resample, knockout) runs trial by trial. :func:`auto_batch_size` picks a batch size from the
-memory a trial of a given length needs.
+(resample, knockout) runs trial by trial. :func:`auto_batch_size` picks a batch size: 1 on a
+CPU, where a trial is bound by its prefill (measured: docs/benchmarks.md), else from the memory
+a trial of that length needs and the device's memory.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from retrieval_heads.scoring import (
 from retrieval_heads.trials.builder import check_trial_tokens
 from retrieval_heads.trials.trial import Trial
 
-__all__ = ["auto_batch_size", "score_batch", "MAX_AUTO_BATCH"]
+__all__ = ["auto_batch_size", "memory_batch_size", "score_batch", "MAX_AUTO_BATCH"]
 
 MAX_AUTO_BATCH = 16
-_MEMORY_SHARE = 0.25  # of the memory free now, for the batch's cache and activations
+_MEMORY_SHARE = 0.25  # of the device's memory, for the batch's cache and activations
 
 
 @torch.no_grad()
@@ -140,23 +141,34 @@ def trial_bytes(model: HookedModel, length: int) -> int:
     return cache + prefill
 
 
-def free_bytes(device: torch.device) -> int:
-    """Memory free on ``device`` now (on CPU: the system's available memory)."""
+def device_bytes(device: torch.device) -> int:
+    """The memory of ``device`` (on CPU: the system's). Its total, not what is free now: the
+    batch size must be the same when a killed run resumes, so that every record is computed
+    in the same batch as before (the files come out identical)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        _, total = torch.cuda.mem_get_info(device)
+        return int(total)
     try:
         with open("/proc/meminfo") as info:
             for line in info:
-                if line.startswith("MemAvailable:"):
+                if line.startswith("MemTotal:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 2 * 1024**3  # unknown: assume 2 GiB
+    return 8 * 1024**3  # unknown: assume 8 GiB
 
 
 def auto_batch_size(model: HookedModel, length: int) -> int:
-    """The batch size for trials of ``length`` tokens: as many as fit in a quarter of the
-    memory free now (at least 1, at most :data:`MAX_AUTO_BATCH`)."""
-    fit = int(_MEMORY_SHARE * free_bytes(model.device) // max(1, trial_bytes(model, length)))
+    """The batch size ``--batch-size auto`` uses for trials of ``length`` tokens: 1 on a CPU
+    (a trial there is bound by its prefill, which a batch does not speed up: see
+    docs/benchmarks.md), else :func:`memory_batch_size`."""
+    if model.device.type == "cpu":
+        return 1
+    return memory_batch_size(model, length)
+
+
+def memory_batch_size(model: HookedModel, length: int) -> int:
+    """As many trials of ``length`` tokens as fit in a quarter of the device's memory (at
+    least 1, at most :data:`MAX_AUTO_BATCH`)."""
+    fit = int(_MEMORY_SHARE * device_bytes(model.device) // max(1, trial_bytes(model, length)))
     return max(1, min(MAX_AUTO_BATCH, fit))

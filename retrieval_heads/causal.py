@@ -273,7 +273,7 @@ def _execute(
 ) -> list[TrialRecord]:
     """Plan every (condition, trial) unit, condition-major, and run them with the runner.
 
-    ``batch_size`` (``None``: from free memory): NIAH trials of one condition and length run
+    ``batch_size`` (``None``: from the device's memory): NIAH trials of one condition and length run
     together when the mode's hooks ignore the trial (uniform, zero, mean; resample and
     knockout, and fact and chain trials, run one by one); the records do not change."""
     # What would fail on the first trial fails here, before a results directory is made: a

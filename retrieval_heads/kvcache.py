@@ -369,7 +369,7 @@ def simulate(
     ``shard`` (and ``out``) only the shard's share of the (condition, trial) pairs runs,
     condition-major, into ``out/shards/<i>-of-<N>/`` (:mod:`retrieval_heads.sharding`; merge
     them with ``retrieval-heads merge``), and the sweep holds that share. ``batch_size``: the
-    trials of one condition and length run together (``None``: from free memory), as in
+    trials of one condition and length run together (``None``: from the device's memory), as in
     :func:`~retrieval_heads.scoring.detect`; the records do not change.
     """
     config = config or DecodeConfig()

@@ -88,8 +88,9 @@ def run_sweep(
 
     Batches: with ``run_batch`` (units -> their records, in order), consecutive units left to
     run that share a ``batch_key`` (a condition and a trial length, say) run together, up to
-    ``batch_size`` of them (a number, or a function of the batch's first unit). The records
-    must not depend on the batching: a run killed mid-batch resumes to the same files. ``progress``: a tqdm bar over the units left (a string names it).
+    ``batch_size`` of them (a number, or a function of the batch's first unit). Batches are cut
+    from all the units this process owns, done or not, and a batch with a missing record runs
+    whole: a run killed mid-batch resumes to the same files, to the last bit. ``progress``: a tqdm bar over the units left (a string names it).
     """
     ids = [u.record_id for u in units]
     if len(set(ids)) != len(ids):
@@ -100,24 +101,33 @@ def run_sweep(
         units = [units[p] for p in shard.positions(len(units))]
     began = time.perf_counter()
 
-    def run_all(todo: Sequence[Unit]) -> Iterable[TrialRecord]:
+    def run_all(done: frozenset[str]) -> Iterable[TrialRecord]:
+        todo = [u for u in units if u.record_id not in done]
         bar = _bar(todo, progress)
         if run_batch is None or batch_size == 1:
             for unit in bar:
                 yield run_unit(unit)
             return
-        for batch in _batches(todo, batch_key, batch_size):
-            records = run_batch(batch)
+        # Batches are cut from every unit this process owns, done or not, so a resumed run
+        # computes each record in the batch it would have had (a batched product may round
+        # in the last bit by batch): a batch with a record missing runs whole, and only the
+        # missing records are kept.
+        for batch in _batches(units, batch_key, batch_size):
+            missing = [u.record_id not in done for u in batch]
+            if not any(missing):
+                continue
+            # a batch of one is a unit: the per-unit path (and the records it has always given)
+            records = [run_unit(batch[0])] if len(batch) == 1 else run_batch(batch)
             if len(records) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} units gave {len(records)} records")
-            yield from records
+            yield from (r for r, m in zip(records, missing, strict=True) if m)
             if hasattr(bar, "update"):
-                bar.update(len(batch))
+                bar.update(sum(missing))
         if hasattr(bar, "close"):
             bar.close()
 
     if out is None:
-        records = list(run_all(units))
+        records = list(run_all(frozenset()))
         if check is not None:
             check(records)
         return records
@@ -135,8 +145,7 @@ def run_sweep(
         overwrite=overwrite,
         extra_meta=meta,
     ) as run:
-        done = run.done_ids()
-        for record in run_all([u for u in units if u.record_id not in done]):
+        for record in run_all(run.done_ids()):
             run.append(record)
         records = run.records()
         if check is not None:

@@ -453,7 +453,7 @@ def detect(
 
     ``batch_size``: trials of one length scored together
     (:func:`~retrieval_heads.batched.score_batch`; the same records, masses within float
-    rounding); ``None`` picks it from free memory
+    rounding); ``None`` picks it from the device's memory
     (:func:`~retrieval_heads.batched.auto_batch_size`). With ``hooks``, or an intervention
     whose hooks depend on the trial (not ``trial_independent``: resample, knockout), trials
     run one at a time.

@@ -40,6 +40,7 @@ from retrieval_heads.cli.inputs import trials_for as trials_for
 from retrieval_heads.cli.options import _INT as _INT
 from retrieval_heads.cli.options import _NUMBER as _NUMBER
 from retrieval_heads.cli.options import _any_int as _any_int
+from retrieval_heads.cli.options import _batch_size as _batch_size
 from retrieval_heads.cli.options import _device_map as _device_map
 from retrieval_heads.cli.options import _floats as _floats
 from retrieval_heads.cli.options import _fraction as _fraction

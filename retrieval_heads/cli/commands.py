@@ -44,6 +44,7 @@ def cmd_detect(args) -> int:
         seed=args.seed,
         progress=True,
         shard=args.shard,
+        batch_size=args.batch_size,
     )
     if args.shard is None:  # a share's scores are not the run's: merge prints those
         print_top(scores, args.top)
@@ -73,6 +74,7 @@ def cmd_ablate(args) -> int:
         config=DecodeConfig(max_new_tokens=args.max_new_tokens),
         progress=True,
         shard=args.shard,
+        batch_size=args.batch_size,
     )
     if args.shard is None:
         print(summaries.format_k_sweep(summaries.summarise_k_sweep(records)))
@@ -183,6 +185,7 @@ def cmd_kv_sim(args) -> int:
         config=DecodeConfig(max_new_tokens=args.max_new_tokens),
         progress=True,
         shard=args.shard,
+        batch_size=args.batch_size,
     )
     if args.shard is None:
         from retrieval_heads.store import read_meta

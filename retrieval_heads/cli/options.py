@@ -168,3 +168,15 @@ def _shard(text: str):
         return Shard.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _batch_size(text: str) -> int | None:
+    """``auto`` (``None``: from the device's memory) or a positive integer."""
+    if text == "auto":
+        return None
+    try:
+        return _integer(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"invalid batch size: {text!r} (expected 'auto' or an integer >= 1)"
+        ) from None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from retrieval_heads.cli.options import (
     _any_int,
+    _batch_size,
     _device_map,
     _floats,
     _fraction,
@@ -79,6 +80,15 @@ def _add_trial_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--max-new-tokens", type=_positive_int, default=None)
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        metavar="N|auto",
+        help="trials of one length run together (auto: 1 on a CPU, else from the GPU's memory, "
+        "at most 16); the records do not depend on it beyond float rounding in the "
+        "attention masses",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

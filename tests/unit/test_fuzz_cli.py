@@ -190,6 +190,7 @@ TRIAL = {
     ],
     "seed": non_negative(),  # a negative seed would give seed 1's needles (random.Random(-1))
     "max_new_tokens": positive(),
+    "batch_size": ints(("0", NO), ("-1", NO), ("1", 1), ("8", 8), ("auto", None), ("AUTO", NO)),
 }
 
 CASES: dict[str, dict[str, list[tuple[Any, Any]]]] = {
@@ -369,6 +370,7 @@ KINDS = {
     cli._shard: {"", "x/2", "-1/2", "2/2", "0/0"},
     cli._device_map: {"", "{}", "everywhere"},
     cli._max_memory: {"", ",", "{}"},
+    cli._batch_size: {"x", "1.5", "", ",", "-1", "0", "AUTO"},
 }
 
 
