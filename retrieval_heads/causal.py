@@ -70,8 +70,6 @@ from retrieval_heads.ablation_hooks import (
     resample_sources,
 )
 from retrieval_heads.answering import TASKS, _run_trial, answer_trial
-from retrieval_heads.conditions import HeadAblation
-from retrieval_heads.grading import FAILURE_KINDS, classify_failure
 from retrieval_heads.heads import Head, parse_heads
 from retrieval_heads.interventions import Mode, Phase, mean_head_z
 from retrieval_heads.model import HookedModel
@@ -88,6 +86,7 @@ from retrieval_heads.selection import (
     top_heads,
 )
 from retrieval_heads.sharding import Shard
+from retrieval_heads.summaries import answer_classes  # re-exported: causal.answer_classes
 from retrieval_heads.trials.trial import Trial
 
 __all__ = [
@@ -486,52 +485,3 @@ def k_sweep(
         shard=shard,
         batch_size=batch_size,
     )
-
-
-def answer_classes(
-    records: Iterable[TrialRecord], *, by_draw: bool = False
-) -> dict[str, dict[str, float]]:
-    """Share of each answer class per condition: ``{"top k=6": {"correct": 0.1, ...}}``.
-
-    Conditions are ``"<selection> k=<K>"`` (draws pooled; ``by_draw`` adds ``" draw=<d>"``),
-    prefixed by ``"<task>: "`` when the records hold more than one task. Every class of
-    :data:`~retrieval_heads.grading.FAILURE_KINDS` is listed (0.0 when absent); a record without
-    ``answer_class`` is classified from its text.
-    """
-    records = list(records)
-    tasks = {r.params.get("task", "niah") for r in records}
-    counts: dict[str, dict[str, int]] = {}
-    order: list[tuple] = []
-    for r in records:
-        p = r.params
-        c = r.condition if isinstance(r.condition, HeadAblation) else None
-        selection, k, draw = (c.selection, c.k, c.draw) if c else ("none", 0, 0)
-        label = f"{selection} k={k}"
-        if by_draw:
-            label += f" draw={draw}"
-        if len(tasks) > 1:
-            label = f"{p.get('task', 'niah')}: {label}"
-        cls = p.get("answer_class") or (
-            "correct"
-            if r.passed
-            else classify_failure(
-                r.generated_text, r.expected, stopped_by=r.params.get("stopped_by")
-            )
-        )
-        if label not in counts:
-            counts[label] = dict.fromkeys(FAILURE_KINDS, 0)
-            order.append(
-                (
-                    p.get("task", "niah"),
-                    k,
-                    selection,
-                    draw if by_draw else 0,
-                    label,
-                )
-            )
-        counts[label][cls] = counts[label].get(cls, 0) + 1
-    out = {}
-    for *_, label in sorted(order):
-        total = sum(counts[label].values())
-        out[label] = {c: n / total for c, n in counts[label].items()}
-    return out

@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from retrieval_heads.decoding import greedy
@@ -50,10 +49,13 @@ from retrieval_heads.runner import Unit, model_info, run_sweep
 from retrieval_heads.runner import model_name as runner_model_name
 from retrieval_heads.scores import HeadScores
 from retrieval_heads.sharding import Shard
+from retrieval_heads.step_stats import (  # re-exported: scoring.<name> keeps working
+    _scores,
+    _StepStats,
+)
 from retrieval_heads.trials.builder import check_trial_tokens
 from retrieval_heads.trials.trial import Trial
 
-SCORERS = ("retrieval", "topk", "attention_mass")
 #: Default token budget for an answer: the reference code's (it stops at a newline too).
 ANSWER_ROOM = 50
 HookPairs = list[tuple[str, Callable]]
@@ -83,106 +85,6 @@ class DecodeConfig:
         if wanted is None:
             wanted = max(ANSWER_ROOM, span[1] - span[0] + 8)
         return max(1, min(wanted, model.n_ctx - trial.context_length + 1))
-
-
-@dataclass
-class _StepStats:
-    """Per-step reductions of every layer's attention row for the current query.
-
-    Rows arrive layer by layer (``add``, or the ``hook_pattern`` hook of ``hook``) and are
-    reduced together when the step ends (``flush``; ``new_step`` and ``_scores`` call it): rows
-    of one length are stacked into one ``[layer, head, key]`` tensor, so a step costs a handful
-    of tensor operations rather than a handful per layer.
-
-    ``first_query`` is the absolute position of the first step's query (``None``: each row
-    spans the whole context). A sliding-window layer's row covers only the last ``key``
-    positions (its KV cache holds no more), so its indices are shifted to absolute positions.
-    """
-
-    n_layers: int
-    n_heads: int
-    span: tuple[int, int]
-    first_query: int | None = None
-    argmax: list[Int[Tensor, "layer head"]] = field(default_factory=list)
-    topk_mass: list[Float[Tensor, "layer head"]] = field(default_factory=list)
-    span_mass: list[Float[Tensor, "layer head"]] = field(default_factory=list)
-    _pending: list[tuple[int, Float[Tensor, "head key"]]] = field(default_factory=list)
-
-    def new_step(self, device: torch.device) -> None:
-        self.flush()
-        shape = (self.n_layers, self.n_heads)
-        self.argmax.append(torch.full(shape, -1, dtype=torch.long, device=device))
-        self.topk_mass.append(torch.zeros(shape, device=device))
-        self.span_mass.append(torch.zeros(shape, device=device))
-
-    def add(self, layer: int, row: Float[Tensor, "head key"]) -> None:
-        """Keep one layer's row of the current step (a ``step_rows`` sink forwards here)."""
-        self._pending.append((layer, row))
-
-    def hook(self, layer: int) -> Callable:
-        """A ``hook_pattern`` hook feeding ``add`` from the bridge."""
-
-        def take_row(pattern: Float[Tensor, "batch head query key"], hook: Any) -> None:
-            # [head, key]: the current query's attention, copied as it is now (a later hook
-            # may change the pattern in place; the row is reduced when the step ends).
-            self.add(layer, pattern[0, :, -1, :].clone())
-
-        return take_row
-
-    def flush(self) -> None:
-        """Reduce the rows kept for the current step into its tables."""
-        if not self._pending:
-            return
-        start, end = self.span
-        k = end - start
-        step = len(self.argmax) - 1
-        table = self.argmax[-1].device
-        by_length: dict[tuple[int, torch.device], list[tuple[int, Tensor]]] = {}
-        for layer, row in self._pending:
-            by_length.setdefault((row.shape[-1], row.device), []).append((layer, row))
-        self._pending = []
-        for (n_keys, _), group in by_length.items():
-            layers = [layer for layer, _ in group]
-            rows = torch.stack([row for _, row in group]).float()  # [layer, head, key]
-            # Absolute position of key 0: the query sees keys up to itself.
-            offset = 0 if self.first_query is None else self.first_query + step + 1 - n_keys
-            lo, hi = min(max(start - offset, 0), n_keys), min(max(end - offset, 0), n_keys)
-            values, index = rows.topk(min(k, n_keys), dim=-1)  # [layer, head, k]
-            inside = (index >= start - offset) & (index < end - offset)
-            # The tables live on the embedding's device; with a device map a layer may be on
-            # another GPU, so its results are gathered there (a few bytes per layer).
-            self.argmax[-1][layers] = (rows.argmax(dim=-1) + offset).to(table)
-            self.span_mass[-1][layers] = rows[..., lo:hi].sum(dim=-1).to(table)
-            self.topk_mass[-1][layers] = (values * inside).sum(dim=-1).to(table)
-
-
-def copy_events(
-    argmax: Int[Tensor, "step layer head"],
-    generated: Int[Tensor, " step"],
-    context: Int[Tensor, " pos"],
-    span: tuple[int, int],
-) -> Bool[Tensor, "step layer head"]:
-    """Where a head's argmax lands in ``span`` on a token equal to the one generated at that step."""
-    start, end = span
-    in_span = (argmax >= start) & (argmax < end)
-    attended_token = context[argmax.clamp(0, context.shape[0] - 1)]  # [step, layer, head]
-    return in_span & (attended_token == generated[:, None, None])
-
-
-def retrieval_score(
-    argmax: Int[Tensor, "step layer head"],
-    events: Bool[Tensor, "step layer head"],
-    span: tuple[int, int],
-    count_repeats: bool = False,
-) -> Float[Tensor, "layer head"]:
-    """Distinct answer positions copied / span length (or all events / span length)."""
-    start, end = span
-    length = end - start
-    if count_repeats:
-        return events.sum(dim=0).float() / length
-    offset = (argmax - start).clamp(0, length - 1)
-    copied = torch.nn.functional.one_hot(offset, length).bool() & events[..., None]
-    return copied.any(dim=0).sum(dim=-1).float() / length  # [layer, head]
 
 
 def _is_stop(token: int, model: HookedModel, config: DecodeConfig) -> bool:
@@ -308,7 +210,7 @@ def trial_record(
         for table in (stats.argmax, stats.topk_mass, stats.span_mass):
             table.pop()  # the stop token is not part of the answer
     ids = torch.tensor(trial.input_ids, dtype=torch.long, device=model.device)  # [pos]
-    scores, events_list = _scores(stats, generated, ids, trial.answer_span, config)
+    scores, events_list = _scores(stats, generated, ids, trial.answer_span, config.count_repeats)
     text = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
     answers = list(trial.answers) if len(trial.targets) > 1 else trial.answer
     verdict = grade(text, answers, threshold=config.pass_threshold)
@@ -369,31 +271,6 @@ def _trial_hooks(
     else:
         prefill, decode = [], []
     return list(prefill), list(decode)
-
-
-def _scores(
-    stats: _StepStats,
-    generated: list[int],
-    ids: Int[Tensor, " pos"],
-    span: tuple[int, int],
-    config: DecodeConfig,
-) -> tuple[dict[str, list[list[float]]], list[tuple[int, int, int, int]]]:
-    stats.flush()
-    shape = (stats.n_layers, stats.n_heads)
-    if not generated:
-        zeros = torch.zeros(shape).tolist()
-        return {name: zeros for name in SCORERS}, []
-    argmax = torch.stack(stats.argmax).cpu()  # [step, layer, head]
-    out = torch.tensor(generated, dtype=torch.long)  # [step]
-    events = copy_events(argmax, out, ids.cpu(), span)
-    scores = {
-        "retrieval": retrieval_score(argmax, events, span, config.count_repeats),
-        "topk": torch.stack(stats.topk_mass).mean(dim=0).cpu(),
-        "attention_mass": torch.stack(stats.span_mass).mean(dim=0).cpu(),
-    }
-    where = events.nonzero().tolist()  # [[step, layer, head], ...]
-    event_list = [(s, layer, h, int(argmax[s, layer, h])) for s, layer, h in where]
-    return {name: value.tolist() for name, value in scores.items()}, event_list
 
 
 def iter_detect(

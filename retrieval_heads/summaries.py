@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from retrieval_heads.conditions import HeadAblation, KVWindow
+from retrieval_heads.grading import FAILURE_KINDS, classify_failure
 from retrieval_heads.records import TrialRecord
 from retrieval_heads.tables import format_table, sort_key
 
@@ -38,6 +39,7 @@ __all__ = [
     "smallest_sufficient_k",
     "baseline_accuracy",
     "is_sufficient",
+    "answer_classes",
 ]
 
 
@@ -263,3 +265,52 @@ def smallest_sufficient_k(points: Sequence[KVPoint], tolerance: float = 0.05) ->
         raise ValueError("the curve needs the uncompressed baseline and top-K points")
     good = [p for p in tops if is_sufficient(p, points, tolerance)]
     return good[0] if good else tops[-1]
+
+
+def answer_classes(
+    records: Iterable[TrialRecord], *, by_draw: bool = False
+) -> dict[str, dict[str, float]]:
+    """Share of each answer class per condition: ``{"top k=6": {"correct": 0.1, ...}}``.
+
+    Conditions are ``"<selection> k=<K>"`` (draws pooled; ``by_draw`` adds ``" draw=<d>"``),
+    prefixed by ``"<task>: "`` when the records hold more than one task. Every class of
+    :data:`~retrieval_heads.grading.FAILURE_KINDS` is listed (0.0 when absent); a record without
+    ``answer_class`` is classified from its text.
+    """
+    records = list(records)
+    tasks = {r.params.get("task", "niah") for r in records}
+    counts: dict[str, dict[str, int]] = {}
+    order: list[tuple] = []
+    for r in records:
+        p = r.params
+        c = r.condition if isinstance(r.condition, HeadAblation) else None
+        selection, k, draw = (c.selection, c.k, c.draw) if c else ("none", 0, 0)
+        label = f"{selection} k={k}"
+        if by_draw:
+            label += f" draw={draw}"
+        if len(tasks) > 1:
+            label = f"{p.get('task', 'niah')}: {label}"
+        cls = p.get("answer_class") or (
+            "correct"
+            if r.passed
+            else classify_failure(
+                r.generated_text, r.expected, stopped_by=r.params.get("stopped_by")
+            )
+        )
+        if label not in counts:
+            counts[label] = dict.fromkeys(FAILURE_KINDS, 0)
+            order.append(
+                (
+                    p.get("task", "niah"),
+                    k,
+                    selection,
+                    draw if by_draw else 0,
+                    label,
+                )
+            )
+        counts[label][cls] = counts[label].get(cls, 0) + 1
+    out = {}
+    for *_, label in sorted(order):
+        total = sum(counts[label].values())
+        out[label] = {c: n / total for c, n in counts[label].items()}
+    return out
