@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float
 
 from retrieval_heads.frequency import (
     CONTEXT_KEYS,
@@ -101,7 +102,9 @@ PAPER_BINS = ("0", "(0, 0.1]", "(0.1, 0.5]", "> 0.5")
 # tables and sparsity
 
 
-def score_table(scores: HeadScores | np.ndarray | Sequence, stat: str = "mean") -> np.ndarray:
+def score_table(
+    scores: HeadScores | np.ndarray | Sequence, stat: str = "mean"
+) -> Float[np.ndarray, "layer head"]:
     """A ``[layer, head]`` float array: ``stat`` of a :class:`HeadScores`, or the array itself."""
     if isinstance(scores, HeadScores):
         return scores.as_array(stat)

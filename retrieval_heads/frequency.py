@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from jaxtyping import Bool, Float
 
 from retrieval_heads.heads import Head
 from retrieval_heads.records import TrialRecord
@@ -54,7 +55,7 @@ def _select(records: Iterable[TrialRecord], passing_only: bool) -> list[TrialRec
 
 def active_trials(
     records: Iterable[TrialRecord], *, passing_only: bool = True, from_scores: bool = False
-) -> tuple[list[TrialRecord], np.ndarray]:
+) -> tuple[list[TrialRecord], Bool[np.ndarray, "trial layer head"]]:
     """``(trials, active)``: ``active[t, layer, head]`` is True when the head made at least one
     copy event in trial ``t`` (with ``from_scores``: when its retrieval score is above 0)."""
     chosen = _select(records, passing_only)
@@ -71,7 +72,7 @@ def active_trials(
 
 def activation_frequency(
     records: Iterable[TrialRecord], *, passing_only: bool = True, from_scores: bool = False
-) -> np.ndarray:
+) -> Float[np.ndarray, "layer head"]:
     """Per head, the share of trials (passing ones by default) with at least one copy event."""
     _, active = active_trials(records, passing_only=passing_only, from_scores=from_scores)
     return active.mean(axis=0)

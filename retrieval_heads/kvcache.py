@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from jaxtyping import Float
 
 from retrieval_heads import analysis
 from retrieval_heads.conditions import KVWindow
@@ -181,7 +182,7 @@ def kv_head_scores(
     reduce: Literal["max", "mean"] = "max",
     *,
     nan: Literal["ignore", "zero"] = "zero",
-) -> np.ndarray:
+) -> Float[np.ndarray, "layer kv_head"]:
     """``[layer, kv_head]`` scores from ``[layer, head]`` ones (or a :class:`HeadScores`).
 
     ``reduce`` over each group's query-head scores; unscored heads (NaN) count as 0 by default
@@ -193,7 +194,7 @@ def kv_head_scores(
     return group_kv_heads(analysis.score_table(scores), n_kv_heads, reduce, nan=nan)
 
 
-def top_kv_heads(kv_scores: np.ndarray, k: int) -> list[KVHead]:
+def top_kv_heads(kv_scores: Float[np.ndarray, "layer kv_head"], k: int) -> list[KVHead]:
     """The ``k`` best-scored KV heads, best first (ties by (layer, kv head))."""
     flat = np.asarray(kv_scores, dtype=np.float64).ravel()
     _check_k(k, flat.size)
@@ -341,7 +342,7 @@ class KVSweep:
 def simulate(
     model: HookedModel,
     trials: Sequence[Trial],
-    scores: HeadScores | np.ndarray,  # [layer, head]
+    scores: HeadScores | Float[np.ndarray, "layer head"],
     *,
     ks: Iterable[int] | None = None,
     draws: int = 3,

@@ -19,6 +19,7 @@ import math
 from typing import Any, Literal
 
 import numpy as np
+from jaxtyping import Float
 
 __all__ = ["head_statistics", "group_kv_heads", "KVReduce", "NaNPolicy"]
 
@@ -27,9 +28,9 @@ NaNPolicy = Literal["ignore", "zero"]
 
 
 def head_statistics(
-    values: np.ndarray,
-    passed: np.ndarray,
-    present: np.ndarray,
+    values: Float[np.ndarray, "trial layer head"],
+    passed: np.ndarray,  # [trial] bool
+    present: np.ndarray,  # [trial, layer, head] bool
     *,
     n_resamples: int,
     seed: int,
@@ -102,8 +103,12 @@ def _sum_trials(table: np.ndarray) -> np.ndarray:
 
 
 def group_kv_heads(
-    table: np.ndarray, n_kv_heads: int, reduce: KVReduce = "max", *, nan: NaNPolicy = "ignore"
-) -> np.ndarray:
+    table: Float[np.ndarray, "layer head"],
+    n_kv_heads: int,
+    reduce: KVReduce = "max",
+    *,
+    nan: NaNPolicy = "ignore",
+) -> Float[np.ndarray, "layer kv_head"]:
     """Aggregate a ``[layer, head]`` query-head table to ``[layer, kv_head]`` (GQA).
 
     Query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)``; ``reduce`` (``"max"`` or

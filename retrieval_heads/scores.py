@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float
 
 from retrieval_heads.files import (
     HEAD_SCORES_SCHEMA,
@@ -74,7 +75,7 @@ class HeadScores:
 
     def __init__(
         self,
-        values: np.ndarray | Sequence,
+        values: Float[np.ndarray, "trial layer head"] | Sequence,
         passed: Sequence[bool] | np.ndarray | None = None,
         trial_ids: Sequence[str] | None = None,
         *,
@@ -214,7 +215,9 @@ class HeadScores:
         h.check(self.n_layers, self.n_heads)
         return h
 
-    def per_trial(self, head: Head | str, *, passing_only: bool = True) -> np.ndarray:
+    def per_trial(
+        self, head: Head | str, *, passing_only: bool = True
+    ) -> Float[np.ndarray, " trial"]:
         """Scores of one head, one per (passing) trial that has one, in trial order."""
         h = self._index(head)
         column = self.values[:, h.layer, h.head]
@@ -245,35 +248,35 @@ class HeadScores:
             ) from None
 
     @property
-    def mean(self) -> np.ndarray:
+    def mean(self) -> Float[np.ndarray, "layer head"]:
         """Mean over passing trials, ``[layer, head]`` (the paper's retrieval score)."""
         return self._stat("mean")
 
     @property
-    def std(self) -> np.ndarray:
+    def std(self) -> Float[np.ndarray, "layer head"]:
         return self._stat("std")
 
     @property
-    def n(self) -> np.ndarray:
+    def n(self) -> Float[np.ndarray, "layer head"]:
         return self._stat("n")
 
     @property
-    def ci_low(self) -> np.ndarray:
+    def ci_low(self) -> Float[np.ndarray, "layer head"]:
         return self._stat("ci_low")
 
     @property
-    def ci_high(self) -> np.ndarray:
+    def ci_high(self) -> Float[np.ndarray, "layer head"]:
         return self._stat("ci_high")
 
     @property
-    def mean_all(self) -> np.ndarray:
+    def mean_all(self) -> Float[np.ndarray, "layer head"]:
         return self._stat("mean_all")
 
     @property
-    def n_all(self) -> np.ndarray:
+    def n_all(self) -> Float[np.ndarray, "layer head"]:
         return self._stat("n_all")
 
-    def as_array(self, stat: str = "mean") -> np.ndarray:
+    def as_array(self, stat: str = "mean") -> Float[np.ndarray, "layer head"]:
         """A copy of one statistic as ``[layer, head]`` (NaN for heads without scores)."""
         return self._stat(stat).copy()
 
@@ -309,7 +312,9 @@ class HeadScores:
         """Heads whose ``stat`` is strictly above ``threshold``, best first."""
         return [h for h, v in self.ranking(stat) if v > threshold]
 
-    def kv_heads(self, n_kv_heads: int, how: str = "max", stat: str = "mean") -> np.ndarray:
+    def kv_heads(
+        self, n_kv_heads: int, how: str = "max", stat: str = "mean"
+    ) -> Float[np.ndarray, "layer kv_head"]:
         """Aggregate query heads to key/value heads for grouped-query attention.
 
         Query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)`` (the Llama/Mistral

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float
 
 from retrieval_heads import analysis
 from retrieval_heads.heads import Head
@@ -46,14 +47,15 @@ __all__ = [
 ]
 
 SELECTIONS = ("top", "random", "matched_layer", "none", "custom")
-Scores = HeadScores | np.ndarray
+#: A score table: a :class:`HeadScores` or a ``[layer, head]`` array.
+Scores = HeadScores | Float[np.ndarray, "layer head"]
 
 
 # ---------------------------------------------------------------------------------------------
 # choosing heads
 
 
-def _table(scores: Scores) -> np.ndarray:
+def _table(scores: Scores) -> Float[np.ndarray, "layer head"]:
     return analysis.score_table(scores)
 
 
