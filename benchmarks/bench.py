@@ -1066,14 +1066,12 @@ def run_real(args: argparse.Namespace, log=print) -> dict[str, Any]:
     }
 
 
-def render_real(data: dict[str, Any]) -> str:
-    """The real-model section: per-token decode cost against plain greedy."""
+def real_header(data: dict[str, Any], what: str) -> list[str]:
+    """A real-model section's title and its model, machine, versions, date and command lines."""
     m, v = data["machine"], data["machine"]["versions"]
-    n = data["new_tokens"]
     load = m.get("load_average")
-    by = {(r["method"], r["length"]): r for r in data["results"]}
-    lines = [
-        f"### {data['device'].upper()} · real model · per-token decode cost",
+    return [
+        f"### {data['device'].upper()} · real model · {what}",
         "",
         f"- **Model**: {data['model']}; device `{data['device']}`.",
         f"- **Machine**: {m['cpu']}"
@@ -1086,6 +1084,15 @@ def render_real(data: dict[str, Any]) -> str:
         + (", ".join(f"{x:.2f}" for x in load) if load else "unknown")
         + f"; the section took {data['wall_s'] / 60:.1f} min.",
         f"- **Command**: `{data['command']}`",
+    ]
+
+
+def render_real(data: dict[str, Any]) -> str:
+    """The real-model section: per-token decode cost against plain greedy."""
+    n = data["new_tokens"]
+    by = {(r["method"], r["length"]): r for r in data["results"]}
+    lines = [
+        *real_header(data, "per-token decode cost"),
         f"- **Runs**: per token = (time with {n} new tokens − time with 1) / {n - 1}, each the "
         f"fastest of {data['repeats']} (methods alternating), in one process after a warm-up; "
         "no early stop. Lean decode "

@@ -109,23 +109,11 @@ def run_batch_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
 
 def render_batch_sweep(data: dict[str, Any]) -> str:
-    m, v = data["machine"], data["machine"]["versions"]
-    load = m.get("load_average")
+    import bench
+
     rows = {r["batch"]: r for r in data["results"]}
     lines = [
-        f"### {data['device'].upper()} · real model · detection throughput by batch size",
-        "",
-        f"- **Model**: {data['model']}; device `{data['device']}`.",
-        f"- **Machine**: {m['cpu']}"
-        + (f", {m['gpu']}" if m.get("gpu") else "")
-        + f"; {m['logical_cores']} logical cores, torch threads {m['torch_threads']}; "
-        f"{m['os']}; Python {m['python']}.",
-        f"- **Versions**: torch {v['torch']}, transformers {v['transformers']}, "
-        f"transformer_lens {v['transformer-lens']}.",
-        f"- **Date**: {m['date']}; load average when it began "
-        + (", ".join(f"{x:.2f}" for x in load) if load else "unknown")
-        + f"; the section took {data['wall_s'] / 60:.1f} min.",
-        f"- **Command**: `{data['command']}`",
+        *bench.real_header(data, "detection throughput by batch size"),
         f"- **Runs**: {data['n_trials']} trials of {data['prompt_tokens']} tokens, scored "
         f"`batch` at a time by `score_batch` with {data['new_tokens']} new tokens and with 1 "
         f"(no early stop), each the fastest of {data['repeats']}; decode phase = the "

@@ -283,6 +283,10 @@ def _execute(
             model, condition.heads, mode, phase=phase, trials=trials, mean_z=mean_z, config=config
         )
     recordings = _Recordings(model, config)
+    # what every record of this sweep shares (the per-unit and the batched path alike)
+    common: dict[str, Any] = dict(
+        mode=mode, phase=phase, config=config, tag=tag, extra_params=extra
+    )
     built: dict[int, tuple[HooksFor | None, Callable[[Trial], dict[str, Any]]]] = {}
 
     def run_unit(unit: Unit) -> TrialRecord:
@@ -299,18 +303,7 @@ def _execute(
                 _recordings=recordings,
             )
         hooks, extras = built[position]
-        return _run_one(
-            model,
-            unit.item,
-            condition,
-            mode=mode,
-            phase=phase,
-            config=config,
-            hooks=hooks,
-            extras=extras,
-            tag=tag,
-            extra_params=extra,
-        )
+        return _run_one(model, unit.item, condition, hooks=hooks, extras=extras, **common)
 
     def batchable(unit: Unit) -> bool:
         _, condition = unit.condition
@@ -331,19 +324,7 @@ def _execute(
             model, batch_trials, config, prefill_hooks=prefill, decode_hooks=decode
         )
         return [
-            _run_trial(
-                model,
-                trial,
-                condition,
-                mode=mode,
-                phase=phase,
-                config=config,
-                hooks=hooks,
-                extras=extras,
-                tag=tag,
-                extra_params=extra,
-                scored=record,
-            )
+            _run_trial(model, trial, condition, hooks=hooks, extras=extras, scored=record, **common)
             for trial, record in zip(batch_trials, scored, strict=True)
         ]
 
