@@ -63,3 +63,50 @@ def test_write_section_appends_missing_markers_and_keeps_other_sections(tmp_path
     text = doc.read_text()
     assert "pending" in text and "cpu table v2" in text and "cpu table\n" not in text
     assert text.count("<!-- bench:cpu-small:begin -->") == 1
+
+
+def test_batch_sweep_table_and_verdict_follow_the_numbers():
+    import bench_batch
+
+    machine = {
+        "cpu": "c",
+        "logical_cores": 2,
+        "torch_threads": 1,
+        "os": "o",
+        "python": "3",
+        "date": "d",
+        "load_average": [0.5, 0.5, 0.5],
+        "versions": {"torch": "t", "transformers": "h", "transformer-lens": "l"},
+    }
+
+    def row(batch, decode, same=True):
+        return {
+            "batch": batch,
+            "tn_s": 10.0 / batch,
+            "t1_s": 1.0,
+            "trials_per_s": 1.6 * batch,
+            "tokens_per_s": 25.6 * batch,
+            "decode_tokens_per_s": decode,
+            "peak_extra_bytes": batch * 2**20,
+            "memory_meter": "m",
+            "same_records": same,
+        }
+
+    data = {
+        "machine": machine,
+        "model": "m",
+        "device": "cpu",
+        "length": 1024,
+        "prompt_tokens": 1000,
+        "n_trials": 16,
+        "new_tokens": 16,
+        "repeats": 1,
+        "wall_s": 60.0,
+        "command": "python benchmarks/bench.py --batch-only",
+        "results": [row(1, 10.0), row(4, 30.0), row(8, 45.0, same=False), row(16, 50.0)],
+    }
+    text = bench_batch.render_batch_sweep(data)
+    assert "| 8 | 12.800 | 204.8 | 45.0 | 4.50 | 8 | **no** |" in text
+    assert "**met** (4.50×)" in text
+    data["results"][2] = row(8, 20.0)
+    assert "**missed** (2.00×)" in bench_batch.render_batch_sweep(data)
