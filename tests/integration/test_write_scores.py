@@ -205,8 +205,7 @@ def reference(directory, ids: list[int]) -> Reference:
 
     d_head = w_o[0].shape[1]
     z = torch.stack([x.reshape(x.shape[0], n_heads, d_head) for x in seen["z"]])
-    eps = getattr(final, "variance_epsilon", None) or getattr(final, "eps")
-    post_eps = getattr(layers[0], "post_attention_layernorm", final)
+    eps = final.eps if hasattr(final, "eps") else final.variance_epsilon
     weight = final.weight.detach()
     bias = getattr(final, "bias", None)
     lm_bias = hf.lm_head.bias
@@ -216,7 +215,7 @@ def reference(directory, ids: list[int]) -> Reference:
         b_o=torch.stack(b_o),
         post_in=torch.stack(seen["post_in"]) if gemma else None,
         post_gain=torch.stack(post_gain) if gemma else None,
-        post_eps=float(getattr(post_eps, "eps", 0.0)),
+        post_eps=float(layers[0].post_attention_layernorm.eps) if gemma else 0.0,
         attn_out=torch.stack(seen["attn"]),
         mlp_out=torch.stack(seen["mlp"]),
         embed=seen["embed"][0],
@@ -359,8 +358,12 @@ def test_removing_a_last_layer_head_changes_the_logit_by_its_score(name, request
 
         hooks = [(key, lambda act, hook, key=key: cache[key].clone()) for key in frozen]
         hooks.append((model.hook_name(last, "z"), zero))
-        kept = []
-        hooks.append(("unembed.hook_out", lambda act, hook: kept.append(act[0, positions])))
+        kept: list[torch.Tensor] = []
+
+        def keep(act, hook, kept=kept):
+            kept.append(act[0, positions])
+
+        hooks.append(("unembed.hook_out", keep))
         with torch.no_grad():
             bridge.run_with_hooks(ids, fwd_hooks=hooks)
         change = clean - kept[0]  # [step, vocab]: what the head alone wrote
