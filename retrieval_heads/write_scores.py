@@ -112,20 +112,20 @@ def _capture(
 ]:
     """Run ``ids`` and keep, at each of its last ``n_steps`` positions, every head's ``z``, the
     final norm's scale and (``with_post``) each layer's post-attention norm scale."""
-    n_layers = model.n_layers
+    n_layers, device = model.n_layers, model.device
     z: list[list[Tensor]] = [[] for _ in range(n_steps)]
     final: list[Tensor] = []
     post: list[list[Tensor]] = [[] for _ in range(n_steps)]
     step = [0]
 
     def keep_z(act: Tensor, hook: Any) -> None:  # [1, 1, head, d_head]
-        z[step[0]].append(act[0, -1].detach().float())
+        z[step[0]].append(act[0, -1].detach().float().to(device))
 
     def keep_final(act: Tensor, hook: Any) -> None:  # [1, 1, 1]
-        final.append(act[0, -1, 0].detach().float())
+        final.append(act[0, -1, 0].detach().float().to(device))
 
     def keep_post(act: Tensor, hook: Any) -> None:
-        post[step[0]].append(act[0, -1, 0].detach().float())
+        post[step[0]].append(act[0, -1, 0].detach().float().to(device))
 
     hooks: list[tuple[str, Any]] = [
         (model.hook_name(layer, "z"), keep_z) for layer in range(n_layers)
@@ -135,7 +135,7 @@ def _capture(
         hooks += [(_post_scale(layer), keep_post) for layer in range(n_layers)]
 
     first = len(ids) - n_steps  # q_0
-    tokens = torch.tensor([ids], device=model.device)
+    tokens = torch.tensor([ids], device=device)
     if first == 0:  # a one-token prompt: nothing to prefill, the first query runs with hooks
         state = model.prefill(tokens[:, :1], fwd_hooks=hooks)
     else:
@@ -151,7 +151,7 @@ def _capture(
     post_scales = (
         torch.stack([torch.stack(row) for row in post])
         if with_post
-        else torch.ones(n_steps, n_layers, device=model.device)
+        else torch.ones(n_steps, n_layers, device=device)
     )
     return torch.stack([torch.stack(row) for row in z]), torch.stack(final), post_scales
 
