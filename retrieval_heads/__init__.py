@@ -33,6 +33,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "score_trial": "retrieval_heads.scoring",
     "score_batch": "retrieval_heads.batched",
     "DecodeConfig": "retrieval_heads.scoring",
+    "write_scores": "retrieval_heads.write_scores",
     # choose heads
     "top_heads": "retrieval_heads.selection",
     "random_heads": "retrieval_heads.selection",
