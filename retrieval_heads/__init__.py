@@ -134,6 +134,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.views.figures import score_histogram as score_histogram
     from retrieval_heads.views.figures import score_vs_effect as score_vs_effect
     from retrieval_heads.views.report import build_report as build_report
+    from retrieval_heads.write_scores import write_scores as write_scores
 
 
 def __getattr__(name: str) -> Any:
