@@ -33,6 +33,8 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "score_trial": "retrieval_heads.scoring",
     "score_batch": "retrieval_heads.batched",
     "DecodeConfig": "retrieval_heads.scoring",
+    "query_focused_scores": "retrieval_heads.detectors",
+    "pattern_scores": "retrieval_heads.detectors",
     # choose heads
     "top_heads": "retrieval_heads.selection",
     "random_heads": "retrieval_heads.selection",
