@@ -34,6 +34,8 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "score_batch": "retrieval_heads.batched",
     "DecodeConfig": "retrieval_heads.scoring",
     "write_scores": "retrieval_heads.write_scores",
+    "query_focused_scores": "retrieval_heads.detectors",
+    "pattern_scores": "retrieval_heads.detectors",
     # choose heads
     "top_heads": "retrieval_heads.selection",
     "random_heads": "retrieval_heads.selection",
@@ -94,6 +96,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.causal import k_sweep as k_sweep
     from retrieval_heads.conditions import HeadAblation as HeadAblation
     from retrieval_heads.conditions import KVWindow as KVWindow
+    from retrieval_heads.detectors import pattern_scores as pattern_scores
+    from retrieval_heads.detectors import query_focused_scores as query_focused_scores
     from retrieval_heads.hooknames import get_act_name as get_act_name
     from retrieval_heads.intervention import Intervention as Intervention
     from retrieval_heads.intervention import UserIntervention as UserIntervention
