@@ -308,6 +308,7 @@ def detect(
     require_pass: bool = True,
     shard: Shard | None = None,
     batch_size: int | None = 1,
+    scorers: Sequence[str] = (),
 ) -> HeadScores | None:
     """Score every trial and aggregate per head (mean over passing trials, as in the paper).
 
@@ -334,10 +335,30 @@ def detect(
     (:func:`~retrieval_heads.batched.auto_batch_size`). With ``hooks``, or an intervention
     whose hooks depend on the trial (not ``trial_independent``: resample, knockout), trials
     run one at a time.
+
+    ``scorers``: other detectors to run on every trial beside the copy score and its
+    attention-mass variants, each a ``[layer][head]`` table in the record's ``scores``
+    (:data:`EXTRA_SCORERS`: ``"write"``, :func:`~retrieval_heads.write_scores.write_scores`
+    on the answer generated; ``"query_focused"``, QRHead's calibrated score,
+    :func:`~retrieval_heads.detectors.query_focused_scores`). Each costs about one more pass
+    over the trial; they measure the unchanged model, so not with an intervention.
     """
     _check_one_way(hooks, intervention)
+    scorers = tuple(dict.fromkeys(scorers))
+    unknown = [name for name in scorers if name not in EXTRA_SCORERS]
+    if unknown:
+        raise ValueError(
+            f"unknown scorer(s) {', '.join(map(repr, unknown))}: the scorers are "
+            f"{', '.join(EXTRA_SCORERS)} (the copy score and its variants always run)"
+        )
+    if scorers and (hooks is not None or intervention is not None):
+        raise ValueError(
+            "scorers= measures the unchanged model: run it without an intervention or hooks"
+        )
     config = config or DecodeConfig()
     run_config = dict(run_config or {})
+    if scorers:  # a rerun with other scorers into the same out is refused
+        run_config.setdefault("scorers", list(scorers))
     run_config.setdefault("decode", config.__dict__ | {"stop_strings": list(config.stop_strings)})
     if intervention is not None:
         run_config.setdefault("intervention", intervention.describe())
@@ -358,7 +379,10 @@ def detect(
                 prefill = intervention.prefill_hooks(model, None)
                 decode = intervention.decode_hooks(model, None)
             trials = [u.item for u in units]
-            return score_batch(model, trials, config, prefill_hooks=prefill, decode_hooks=decode)
+            records = score_batch(model, trials, config, prefill_hooks=prefill, decode_hooks=decode)
+            return [
+                with_scorers(model, t, r, scorers) for t, r in zip(trials, records, strict=True)
+            ]
 
         def batch_for(unit: Unit) -> int:
             length = len(unit.item.input_ids)
@@ -368,7 +392,12 @@ def detect(
 
     records = run_sweep(
         [Unit(t.trial_id, t) for t in trials],
-        lambda unit: score_trial(model, unit.item, config, hooks, intervention=intervention),
+        lambda unit: with_scorers(
+            model,
+            unit.item,
+            score_trial(model, unit.item, config, hooks, intervention=intervention),
+            scorers,
+        ),
         run_batch=run_batch,
         batch_key=lambda unit: len(unit.item.input_ids),
         batch_size=size,
@@ -386,6 +415,41 @@ def detect(
     if shard is not None:
         return HeadScores.from_records(records) if records else None
     return HeadScores.from_records(records)
+
+
+#: Detectors :func:`detect` runs on request (``scorers=``, the CLI's ``--scorers``).
+EXTRA_SCORERS = ("write", "query_focused")
+
+
+def with_scorers(
+    model: HookedModel, trial: Trial, record: TrialRecord, scorers: Sequence[str]
+) -> TrialRecord:
+    """``record`` with the tables of ``scorers`` (:data:`EXTRA_SCORERS`) added to its scores.
+
+    ``"write"`` is 0 for every head on an empty answer (nothing was written)."""
+    if not scorers:
+        return record
+    import dataclasses
+
+    import numpy as np
+
+    tables = dict(record.scores)
+    for name in scorers:
+        if name == "write":
+            from retrieval_heads.write_scores import write_scores
+
+            shape = (model.n_layers, model.n_heads)
+            table = (
+                write_scores(model, trial, record.generated_ids)
+                if record.generated_ids
+                else np.zeros(shape)
+            )
+        else:
+            from retrieval_heads.detectors import query_focused_scores
+
+            table = query_focused_scores(model, trial)
+        tables[name] = np.asarray(table, dtype=np.float64).tolist()
+    return dataclasses.replace(record, scores=tables)
 
 
 def detection_failure(records: Sequence[TrialRecord]) -> DetectionError:

@@ -54,6 +54,7 @@ from retrieval_heads.cli.options import _non_negative_int as _non_negative_int
 from retrieval_heads.cli.options import _path as _path
 from retrieval_heads.cli.options import _positive_int as _positive_int
 from retrieval_heads.cli.options import _positive_ints as _positive_ints
+from retrieval_heads.cli.options import _scorer_names as _scorer_names
 from retrieval_heads.cli.options import _shard as _shard
 from retrieval_heads.cli.parser import SHARD_HELP as SHARD_HELP
 from retrieval_heads.cli.parser import _add_model_args as _add_model_args

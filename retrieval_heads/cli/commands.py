@@ -45,6 +45,7 @@ def cmd_detect(args) -> int:
         progress=True,
         shard=args.shard,
         batch_size=args.batch_size,
+        scorers=args.scorers,
     )
     if args.shard is None:  # a share's scores are not the run's: merge prints those
         print_top(scores, args.top)

@@ -180,3 +180,20 @@ def _batch_size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(
             f"invalid batch size: {text!r} (expected 'auto' or an integer >= 1)"
         ) from None
+
+
+def _scorer_names(text: str) -> list[str]:
+    """Names of extra scorers, comma- or space-separated (``write,query_focused``)."""
+    from retrieval_heads.scoring import EXTRA_SCORERS
+
+    names = [n for n in text.replace(",", " ").split() if n]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected scorer names among {', '.join(EXTRA_SCORERS)}, got {text!r}"
+        )
+    unknown = [n for n in names if n not in EXTRA_SCORERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown scorer {unknown[0]!r}: the scorers are {', '.join(EXTRA_SCORERS)}"
+        )
+    return names

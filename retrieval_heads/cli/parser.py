@@ -20,6 +20,7 @@ from retrieval_heads.cli.options import (
     _path,
     _positive_int,
     _positive_ints,
+    _scorer_names,
     _shard,
 )
 
@@ -103,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trial_args(p)
     p.add_argument("--out", type=_path, required=True, help="results directory (resumable)")
     p.add_argument("--top", type=_positive_int, default=10, help="top heads to print")
+    p.add_argument(
+        "--scorers",
+        type=_scorer_names,
+        action=_Listed,
+        default=[],
+        help="other detectors on every trial: write (direct logit attribution of the answer), "
+        "query_focused (QRHead); the copy score always runs",
+    )
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
     p = sub.add_parser("ablate", help="K-sweep: mask top-K retrieval heads vs K random heads")

@@ -453,3 +453,32 @@ def test_pattern_scores_on_tiny(tiny_model):
     assert scores["previous_token"][1, 1] > 0.98
     assert top(scores["induction"], 5) < RETRIEVAL_TOP6
     assert scores["duplicate_token"].max() < 0.05
+
+
+def test_detect_runs_the_requested_scorers_on_every_trial(tiny_model, tiny_trials, tmp_path):
+    from retrieval_heads.detectors import query_focused_scores
+    from retrieval_heads.scoring import detect
+    from retrieval_heads.store import load_records, read_meta
+    from retrieval_heads.write_scores import write_scores
+
+    trials = tiny_trials[:3]
+    out = tmp_path / "run"
+    detect(tiny_model, trials, out=out, scorers=["write", "query_focused"])
+    records = {r.trial_id: r for r in load_records(out)}
+    for trial in trials:
+        record = records[trial.trial_id]
+        np.testing.assert_allclose(
+            record.score_array("write"), write_scores(tiny_model, trial, record.generated_ids)
+        )
+        np.testing.assert_allclose(
+            record.score_array("query_focused"), query_focused_scores(tiny_model, trial)
+        )
+    meta = read_meta(out)
+    assert meta["config"]["scorers"] == ["write", "query_focused"]
+    assert set(meta["scorers"]) == {"retrieval", "topk", "attention_mass", "write", "query_focused"}
+    with pytest.raises(ValueError, match="unknown scorer"):
+        detect(tiny_model, trials, scorers=["telepathy"])
+    from retrieval_heads.interventions import UniformAblation
+
+    with pytest.raises(ValueError, match="unchanged model"):
+        detect(tiny_model, trials, scorers=["write"], intervention=UniformAblation(["2.0"]))

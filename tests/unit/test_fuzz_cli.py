@@ -194,7 +194,23 @@ TRIAL = {
 }
 
 CASES: dict[str, dict[str, list[tuple[Any, Any]]]] = {
-    "detect": {**MODEL, **TRIAL, "out": PATH, "top": positive(), "shard": SHARD},
+    "detect": {
+        **MODEL,
+        **TRIAL,
+        "out": PATH,
+        "top": positive(),
+        "shard": SHARD,
+        "scorers": [
+            ("", NO),
+            (",", NO),
+            ("bogus", NO),
+            ("write,bogus", NO),
+            ("retrieval", NO),  # always runs: not an extra scorer
+            ("write", ["write"]),
+            ("write,query_focused", ["write", "query_focused"]),
+            (["--scorers", "query_focused", "write"], ["query_focused", "write"]),
+        ],
+    },
     "ablate": {
         **MODEL,
         **TRIAL,
@@ -371,6 +387,7 @@ KINDS = {
     cli._device_map: {"", "{}", "everywhere"},
     cli._max_memory: {"", ",", "{}"},
     cli._batch_size: {"x", "1.5", "", ",", "-1", "0", "AUTO"},
+    cli._scorer_names: {"", ",", "bogus"},
 }
 
 
