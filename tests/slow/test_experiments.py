@@ -189,11 +189,12 @@ def test_cot_harness_on_a_random_model(runs, tiny_llama_dir, word_tokenizer):
     assert len(records) == 3 * n_questions * 2  # (none, top-2, random-2) x questions x 2
     by_condition = {}
     for r in records:
-        p = r.params
+        p, c = r.params, r.condition
         assert p["prompting"] in ("direct", "cot") and p["kind"] in cot.KINDS
-        assert len(p["ablated"]) == p["k"] and (p["mode"], p["phase"]) == ("uniform", "decode")
+        assert len(c.heads) == c.k and (c.mode, c.phase) == ("uniform", "decode")
+        assert r.scores == {}  # no head scores: nothing is copied from a context
         assert len(r.generated_ids) <= (3 if p["prompting"] == "direct" else 6)
-        by_condition.setdefault(p["selection"], set()).add(tuple(p["ablated"]))
+        by_condition.setdefault(c.selection, set()).add(tuple(c.heads))
         question = next(q for q in cot.load_questions(questions) if q.id == p["question_id"])
         again = cot.grade_question(question, r.generated_text, cot=p["prompting"] == "cot")
         assert (again.passed, again.score) == (r.passed, r.recall)
