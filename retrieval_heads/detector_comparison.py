@@ -89,7 +89,7 @@ def detector_tables(
         if name in tables:
             raise ValueError(f"pattern table {name!r} has the name of a scorer of the records")
         if array.shape != shape:
-            raise ValueError(f"pattern table {name!r} is {array.shape}, the scores {shape}")
+            raise ValueError(f"pattern table {name!r} has shape {array.shape}, the scores {shape}")
         tables[name] = np.nan_to_num(array, nan=0.0)
     return tables
 
