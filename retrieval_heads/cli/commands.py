@@ -144,7 +144,8 @@ def cmd_compare_detectors(args) -> int:
     if broken:
         best = min(broken.values())
         winners = ", ".join(name for name, k in broken.items() if k == best)
-        print(f"{winners} breaks retrieval with the fewest heads (K={best})")
+        verb = "breaks" if len(winners.split(", ")) == 1 else "break"
+        print(f"{winners} {verb} retrieval with the fewest heads (K={best})")
     else:
         print("no detector's top-K halves the baseline accuracy within the K measured")
     print(f"wrote {args.out / 'agreement.json'}")

@@ -158,3 +158,27 @@ def test_the_command_end_to_end_resumes_and_reports(detection, tmp_path, monkeyp
     assert json.loads((out / "agreement.json").read_text()) == saved
     path = build_report([out], tmp_path / "report.html")
     assert "compare-detectors" in path.read_text()
+
+
+@pytest.mark.golden
+def test_on_tiny_the_write_top_8_breaks_retrieval_and_the_controls_do_not(
+    tables, tiny_model, tiny_trials
+):
+    from retrieval_heads.detectors import pattern_scores
+    from retrieval_heads.summaries import summarise_k_sweep
+
+    chosen = {
+        "write": tables["write"],
+        "duplicate_token": pattern_scores(tiny_model)["duplicate_token"],
+    }
+    trials = [t for t in tiny_trials if t.context_length <= 150]
+    records = dc.compare_detectors(tiny_model, trials, chosen, [8], draws=1, seed=0)
+    rows = {(r.k, r.selection): r.accuracy for r in summarise_k_sweep(records)}
+    assert rows[(0, "none")] == 1.0
+    assert rows[(8, "top:write")] <= 0.5
+    assert rows[(8, "top:duplicate_token")] == 1.0 and rows[(8, "random")] == 1.0
+    assert dc.fewest_heads(summarise_k_sweep(records)) == {
+        "write": 8,
+        "duplicate_token": None,
+        "random": None,
+    }
