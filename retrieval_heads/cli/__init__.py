@@ -1,6 +1,6 @@
 """The ``retrieval-heads`` command: parse, call the library, print. No logic the library lacks.
 
-Subcommands: ``detect``, ``ablate``, ``patch``, ``kv-sim``, ``report``, ``compare``, ``export``,
+Subcommands: ``detect``, ``ablate``, ``compare-detectors``, ``patch``, ``kv-sim``, ``report``, ``compare``, ``export``,
 ``merge``, ``models``. ``detect``, ``ablate`` and ``kv-sim`` run a share of the sweep with
 ``--shard i/N`` or under ``torchrun`` (``retrieval_heads.sharding``).
 
@@ -23,6 +23,7 @@ import sys
 
 from retrieval_heads.cli.commands import cmd_ablate as cmd_ablate
 from retrieval_heads.cli.commands import cmd_compare as cmd_compare
+from retrieval_heads.cli.commands import cmd_compare_detectors as cmd_compare_detectors
 from retrieval_heads.cli.commands import cmd_detect as cmd_detect
 from retrieval_heads.cli.commands import cmd_export as cmd_export
 from retrieval_heads.cli.commands import cmd_kv_sim as cmd_kv_sim
@@ -67,6 +68,7 @@ USER_ERRORS = (ValueError, KeyError, FileNotFoundError, PermissionError, IsADire
 COMMANDS = {
     "detect": sharded(cmd_detect),
     "ablate": sharded(cmd_ablate),
+    "compare-detectors": cmd_compare_detectors,
     "patch": cmd_patch,
     "kv-sim": sharded(cmd_kv_sim),
     "report": cmd_report,

@@ -2,7 +2,8 @@
 
 ``detect``, ``ablate`` and ``kv-sim`` run a sweep (wrapped by :func:`sharded`: a share with
 ``--shard i/N`` or a torchrun rank); ``merge`` joins the shares; ``patch`` maps the embedded
-model's heads by activation patching; ``report``, ``compare``, ``export`` and ``models`` read
+model's heads by activation patching; ``compare-detectors`` ablates each detector's top-K beside
+shared random heads; ``report``, ``compare``, ``export`` and ``models`` read
 what is there. The model, trials and ``--scores`` come from :mod:`.inputs`.
 """
 
@@ -79,6 +80,75 @@ def cmd_ablate(args) -> int:
     )
     if args.shard is None:
         print(summaries.format_k_sweep(summaries.summarise_k_sweep(records)))
+    return 0
+
+
+def cmd_compare_detectors(args) -> int:
+    from retrieval_heads import detector_comparison as dc
+    from retrieval_heads import summaries
+    from retrieval_heads.files import atomic_write_text, check_output_file, check_output_folder
+    from retrieval_heads.scoring import DecodeConfig
+    from retrieval_heads.store import load_records
+
+    check_output_folder(args.out)  # before the model loads
+    check_output_file(args.out / "agreement.json", "agreement", owns={"agreement.json"})
+    if not Path(args.scores).is_dir():
+        raise ValueError(
+            f"--scores {args.scores} is not a folder: compare-detectors reads each scorer of a "
+            "detection's records (retrieval-heads detect --scorers write,query_focused --out DIR)"
+        )
+    model, _ = inputs.model_and_scores(args)  # a finished detection of this model's shape
+    pattern = None
+    if args.patterns:
+        from retrieval_heads.detectors import pattern_scores
+
+        pattern = pattern_scores(model)
+    tables = dc.detector_tables(load_records(args.scores), pattern)
+    if args.mode == "uniform":
+        from retrieval_heads.interventions import check_uniform
+
+        check_uniform(model)  # before the trials are built
+    trials = inputs.trials_for(model, args)
+    print(f"{model.name}: {len(tables)} detectors ({', '.join(tables)}), {len(trials)} trials")
+    records = dc.compare_detectors(
+        model,
+        trials,
+        tables,
+        args.top_k,
+        draws=args.random,
+        seed=args.seed,
+        mode=args.mode,
+        out=args.out,
+        config=DecodeConfig(max_new_tokens=args.max_new_tokens),
+        progress=True,
+        batch_size=args.batch_size,
+    )
+    rows = summaries.summarise_k_sweep(records)
+    agreement = dc.agreement(tables, ks=sorted({*args.top_k, 5, 10, 20}))
+    fewest = dc.fewest_heads(rows, 0.5)
+    out = {
+        "model": model.name,
+        "scores": str(args.scores),
+        "agreement": agreement,
+        "fewest_heads": {"fraction": 0.5, "k": fewest},
+        "k_sweep": [row.to_dict() for row in rows],
+    }
+    atomic_write_text(args.out / "agreement.json", json.dumps(out, indent=1))
+    print(dc.format_agreement(agreement))
+    print()
+    print(summaries.format_k_sweep(rows))
+    print("\nfewest heads that halve the baseline accuracy:")
+    for name, k in fewest.items():
+        print(f"  {name:<20} {'not within the K measured' if k is None else f'K={k}'}")
+    broken = {name: k for name, k in fewest.items() if k is not None and name != "random"}
+    if broken:
+        best = min(broken.values())
+        winners = ", ".join(name for name, k in broken.items() if k == best)
+        verb = "breaks" if len(winners.split(", ")) == 1 else "break"
+        print(f"{winners} {verb} retrieval with the fewest heads (K={best})")
+    else:
+        print("no detector's top-K halves the baseline accuracy within the K measured")
+    print(f"wrote {args.out / 'agreement.json'}")
     return 0
 
 

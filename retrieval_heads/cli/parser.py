@@ -128,6 +128,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help=SHARD_HELP)
 
     p = sub.add_parser(
+        "compare-detectors",
+        help="which detector's heads matter: ablate each detector's top-K vs shared random heads",
+    )
+    _add_model_args(p)
+    _add_trial_args(p)
+    p.add_argument(
+        "--scores",
+        type=_path,
+        required=True,
+        help="a detect results directory; each scorer its records carry is a detector (run "
+        "`detect --scorers write,query_focused` for the write and query-focused ones)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_positive_ints,
+        action=_Listed,
+        default=[1, 2, 4, 8],
+        help="K values (the unablated baseline always runs)",
+    )
+    p.add_argument(
+        "--random", type=_positive_int, default=3, help="random draws per K, shared by detectors"
+    )
+    p.add_argument(
+        "--patterns",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add TransformerLens' pattern scores (previous token, duplicate token, induction) "
+        "as detectors (default: on)",
+    )
+    p.add_argument(
+        "--mode",
+        default="uniform",
+        choices=["uniform", "zero", "mean", "resample", "knockout"],
+        help="how the heads are ablated",
+    )
+    p.add_argument("--out", type=_path, required=True, help="results directory (resumable)")
+
+    p = sub.add_parser(
         "patch", help="activation patching per head (clean needle into corrupt; tiny models)"
     )
     _add_model_args(p)

@@ -228,6 +228,21 @@ CASES: dict[str, dict[str, list[tuple[Any, Any]]]] = {
         "out": PATH,
         "shard": SHARD,
     },
+    "compare-detectors": {
+        **MODEL,
+        **TRIAL,
+        "scores": PATH,
+        "top_k": positive_list("--top-k"),  # K > 0: the baseline always runs
+        "random": positive(),
+        "patterns": [
+            (["--patterns"], True),
+            (["--no-patterns"], False),
+            (["--patterns=x"], NO),
+            (["--no-patterns=1"], NO),
+        ],
+        "mode": [("", NO), ("bogus", NO), ("ZERO", NO), ("zero", "zero"), ("mean", "mean")],
+        "out": PATH,
+    },
     "patch": {
         **MODEL,
         "pairs": ints(
@@ -495,6 +510,7 @@ def test_defaults_still_parse():
 LIST_OPTIONS = [
     ("detect", "lengths", 1),
     ("ablate", "top_k", None),
+    ("compare-detectors", "top_k", 1),
     ("kv-sim", "top_k", None),
     ("kv-sim", "uniform_windows", 1),
 ]
