@@ -33,7 +33,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "score_trial": "retrieval_heads.scoring",
     "score_batch": "retrieval_heads.batched",
     "DecodeConfig": "retrieval_heads.scoring",
-    "write_scores": "retrieval_heads.write_scores",
+    "write_scores": "retrieval_heads.logit_attribution",
     "query_focused_scores": "retrieval_heads.detectors",
     "pattern_scores": "retrieval_heads.detectors",
     # choose heads
@@ -111,6 +111,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.interventions import ablate as ablate
     from retrieval_heads.kvcache import KVPolicy as KVPolicy
     from retrieval_heads.kvcache import simulate as kv_simulate  # noqa: F401
+    from retrieval_heads.logit_attribution import write_scores as write_scores
     from retrieval_heads.model import ContextLengthError as ContextLengthError
     from retrieval_heads.model import DecodeState as DecodeState
     from retrieval_heads.model import HookedModel as HookedModel
@@ -138,7 +139,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.views.figures import score_histogram as score_histogram
     from retrieval_heads.views.figures import score_vs_effect as score_vs_effect
     from retrieval_heads.views.report import build_report as build_report
-    from retrieval_heads.write_scores import write_scores as write_scores
 
 
 def __getattr__(name: str) -> Any:

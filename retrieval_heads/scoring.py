@@ -338,7 +338,7 @@ def detect(
 
     ``scorers``: other detectors to run on every trial beside the copy score and its
     attention-mass variants, each a ``[layer][head]`` table in the record's ``scores``
-    (:data:`EXTRA_SCORERS`: ``"write"``, :func:`~retrieval_heads.write_scores.write_scores`
+    (:data:`EXTRA_SCORERS`: ``"write"``, :func:`~retrieval_heads.logit_attribution.write_scores`
     on the answer generated; ``"query_focused"``, QRHead's calibrated score,
     :func:`~retrieval_heads.detectors.query_focused_scores`). Each costs about one more pass
     over the trial; they measure the unchanged model, so not with an intervention.
@@ -436,7 +436,7 @@ def with_scorers(
     tables = dict(record.scores)
     for name in scorers:
         if name == "write":
-            from retrieval_heads.write_scores import write_scores
+            from retrieval_heads.logit_attribution import write_scores
 
             shape = (model.n_layers, model.n_heads)
             table = (

@@ -457,9 +457,9 @@ def test_pattern_scores_on_tiny(tiny_model):
 
 def test_detect_runs_the_requested_scorers_on_every_trial(tiny_model, tiny_trials, tmp_path):
     from retrieval_heads.detectors import query_focused_scores
+    from retrieval_heads.logit_attribution import write_scores
     from retrieval_heads.scoring import detect
     from retrieval_heads.store import load_records, read_meta
-    from retrieval_heads.write_scores import write_scores
 
     trials = tiny_trials[:3]
     out = tmp_path / "run"

@@ -125,3 +125,14 @@ def test_notebook_flow_through_rh_only(tmp_path):
     np.testing.assert_allclose(loaded.mean, scores.mean, equal_nan=True)
     fig = rh.score_heatmap(loaded)
     assert type(fig).__name__ == "Figure"
+
+
+def test_no_submodule_shadows_a_public_name():
+    """Importing ``retrieval_heads.X`` sets the package's attribute ``X`` to that module, so a
+    public name that is also a submodule's name turns into the module once anything imports it."""
+    import importlib.util
+
+    import retrieval_heads as rh
+
+    clashes = [n for n in rh.__all__ if importlib.util.find_spec(f"retrieval_heads.{n}")]
+    assert clashes == []

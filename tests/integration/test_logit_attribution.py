@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 import torch
 
+from retrieval_heads.logit_attribution import write_attributions, write_scores
 from retrieval_heads.scoring import DecodeConfig, score_trial
 from retrieval_heads.trials.builder import build_trial
 from retrieval_heads.trials.haystacks import Haystack
 from retrieval_heads.trials.needles import Needle
 from retrieval_heads.trials.template import PromptTemplate
-from retrieval_heads.write_scores import write_attributions, write_scores
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
