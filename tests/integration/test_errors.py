@@ -1512,3 +1512,37 @@ def test_report_escapes_a_hostile_results_directory(tmp_path, finished):
     assert "img" not in parsed.tags
     assert not any("alert(" in script and len(script) < 1000 for script in parsed.scripts)
     assert EVIL not in html and EVIL_TAG not in html
+
+
+def test_e69_unknown_or_misplaced_scorers(cli, tiny_model, tmp_path, capsys):
+    from retrieval_heads.interventions import UniformAblation
+    from retrieval_heads.scoring import detect
+    from retrieval_heads.tiny.trials import tiny_grid
+
+    run = cli("detect", "--model", "tiny", "--scorers", "telepathy", "--out", tmp_path / "r")
+    assert run.code == 2 and "unknown scorer 'telepathy': the scorers are write" in run.out
+    assert not (tmp_path / "r").exists()
+    trials = tiny_grid(tiny_model.tokenizer, lengths=[150], depths=[50], n_needles=1)
+    with pytest.raises(ValueError, match="unknown scorer"):
+        detect(tiny_model, trials, scorers=["telepathy"])
+    with pytest.raises(ValueError, match="measures the unchanged model"):
+        detect(tiny_model, trials, scorers=["write"], intervention=UniformAblation(["2.0"]))
+
+
+def test_e70_a_condition_from_a_newer_version(tmp_path):
+    from retrieval_heads.conditions import CONDITION_VERSION
+    from retrieval_heads.files import ResultsError
+    from retrieval_heads.store import load_records
+
+    v1 = Path(__file__).parent.parent / "fixtures" / "results_v1" / "ablate"
+    record = load_records(v1)[0].to_dict()
+    for change, said in (
+        ({"version": CONDITION_VERSION + 1}, "read the file with the retrieval-heads that wrote"),
+        ({"type": "telepathy"}, "unknown condition type 'telepathy'"),
+    ):
+        folder = tmp_path / str(len(said))
+        folder.mkdir()
+        bad = {**record, "condition": {**record["condition"], **change}}
+        (folder / "trials.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ResultsError, match=said):
+            load_records(folder)
