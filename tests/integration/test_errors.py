@@ -1519,9 +1519,11 @@ def test_e69_unknown_or_misplaced_scorers(cli, tiny_model, tmp_path, capsys):
     from retrieval_heads.scoring import detect
     from retrieval_heads.tiny.trials import tiny_grid
 
-    run = cli("detect", "--model", "tiny", "--scorers", "telepathy", "--out", tmp_path / "r")
-    assert run.code == 2 and "unknown scorer 'telepathy': the scorers are write" in run.out
-    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as info:
+        cli("detect", "--model", "tiny", "--scorers", "telepathy", "--out", tmp_path / "r")
+    assert info.value.code == 2 and not (tmp_path / "r").exists()
+    said = capsys.readouterr().err
+    assert "unknown scorer 'telepathy': the scorers are write, query_focused" in said
     trials = tiny_grid(tiny_model.tokenizer, lengths=[150], depths=[50], n_needles=1)
     with pytest.raises(ValueError, match="unknown scorer"):
         detect(tiny_model, trials, scorers=["telepathy"])
