@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,27 +116,61 @@ def patching_map(
     ``z`` (every position) into the corrupt run and measures ``(ld_patched - ld_corrupt) /
     (ld_clean - ld_corrupt)`` with ``ld = logit[A's first token] - logit[B's first token]`` at
     the last prompt position; the map is the mean over pairs (pairs whose recovery is undefined
-    are skipped). Returns a float32 ``[n_layers, n_heads]`` tensor on the CPU.
+    are skipped). The pairs run as units of :func:`~retrieval_heads.runner.run_sweep`, each one
+    record (:func:`pair_record`). Returns a float32 ``[n_layers, n_heads]`` tensor on the CPU.
     """
-    from retrieval_heads.interventions import patch_heads
+    from retrieval_heads.runner import Unit, run_sweep
 
-    maps = []
-    for pair in patching_pairs(model, n_pairs, seed, length):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            effect = patch_heads(
+    pairs = patching_pairs(model, n_pairs, seed, length)
+    records = run_sweep(
+        [Unit(pair.trial_id, pair) for pair in pairs],
+        lambda unit: pair_record(model, unit.item),
+        model=getattr(model, "name", None) or "model",
+        kind="patch",
+        config={"n_pairs": n_pairs, "seed": seed, "length": length},
+    )
+    defined = [r for r in records if r.passed]
+    if not defined:
+        return torch.full((model.n_layers, model.n_heads), math.nan)
+    stacked = torch.tensor([r.scores["patching"] for r in defined], dtype=torch.float32)
+    return stacked.sum(0) / len(defined)
+
+
+def pair_record(model: HookedModel, pair: PatchingPair) -> Any:
+    """One pair's patching effect as a record: ``scores["patching"]`` is each head's recovery
+    (``passed`` is False, and the table zeros, where the recovery is undefined: the clean and
+    corrupt logit differences are equal)."""
+    from retrieval_heads.interventions import patch_heads
+    from retrieval_heads.records import TrialRecord
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        effect = (
+            patch_heads(
                 model,
                 list(pair.clean_ids),
                 list(pair.corrupt_ids),
                 pair.answer_token,
                 pair.wrong_token,
             )
-        maps.append(effect.float().cpu())
-    stacked = torch.stack(maps)
-    valid = ~torch.isnan(stacked)
-    total = torch.where(valid, stacked, torch.zeros_like(stacked)).sum(0)
-    count = valid.sum(0)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
+            .float()
+            .cpu()
+        )  # [layer, head]
+    defined = not bool(torch.isnan(effect).any())
+    return TrialRecord(
+        trial_id=pair.trial_id,
+        params={"task": "patching", "depth_percent": pair.depth_percent},
+        expected=pair.answer,
+        generated_ids=[],
+        generated_text="",
+        passed=defined,
+        recall=float(defined),
+        reason=None if defined else "recovery undefined: clean and corrupt runs agree",
+        scores={"patching": torch.nan_to_num(effect, nan=0.0).tolist()},
+        copy_events=[],
+        n_layers=model.n_layers,
+        n_heads=model.n_heads,
+    )
 
 
 def patching_vs_scores(effect: Tensor | np.ndarray, scores: Scores) -> dict[str, float]:
