@@ -165,3 +165,49 @@ def model_scatter(
     fig.update_xaxes(title_text=f"{na} score", range=span, constrain="domain")
     fig.update_yaxes(title_text=f"{nb} score", range=span, scaleanchor="x", constrain="domain")
     return fig
+
+
+def agreement_heatmap(
+    agreement: dict, *, k: int | None = None, title: str | None = None
+) -> go.Figure:
+    """How alike detectors rank heads: Spearman above the diagonal, the Jaccard index of their
+    top-``k`` sets below it (``agreement`` as ``detector_comparison.agreement`` gives it; ``k``
+    defaults to its largest k), 1 on the diagonal."""
+    names = list(agreement["detectors"])
+    ks = [int(x) for x in agreement.get("ks", [])]
+    jaccard = agreement.get("jaccard", {})
+    k = k if k is not None else (max(ks) if ks else None)
+    n = len(names)
+    z = np.full((n, n), np.nan)
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i == j:
+                z[i, j] = 1.0
+            elif j > i:
+                value = agreement["spearman"][a][b]
+                z[i, j] = np.nan if value is None else float(value)
+            elif k is not None and str(k) in jaccard:
+                z[i, j] = float(jaccard[str(k)][a][b])
+    text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=names,
+            y=names,
+            text=text,
+            texttemplate="%{text}",
+            zmin=-1,
+            zmax=1,
+            colorscale="RdBu",
+            colorbar=dict(title="agreement"),
+            hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>",
+        )
+    )
+    lower = f"Jaccard of top-{k} (below)" if k is not None else "no Jaccard"
+    fig.update_layout(
+        **_LAYOUT,
+        title=_title(title or f"Agreement between detectors: Spearman (above), {lower}"),
+        yaxis=dict(autorange="reversed"),
+        height=max(320, 40 * n + 160),
+    )
+    return fig

@@ -6,6 +6,7 @@ It runs no ablation and computes no summary (``analysis.summarise_k_sweep`` does
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from retrieval_heads import analysis
@@ -75,7 +76,7 @@ def _ablation_section(page: _Page, rs: ResultSet) -> str:
     by_task: dict[str, list[TrialRecord]] = {}
     for r in rs.records:
         by_task.setdefault(str(r.params.get("task", "")), []).append(r)
-    parts = []
+    parts = _agreement(page, rs)
     for task in sorted(by_task):
         if len(by_task) > 1:
             parts.append(f"<h3>Task: {esc(task or 'unnamed')}</h3>")
@@ -129,3 +130,40 @@ def _ablation_task(page: _Page, records: list[TrialRecord], name: str) -> str:
             "answer classes; nothing to draw.</p>"
         )
     return "\n".join(parts)
+
+
+def _agreement(page: _Page, rs: ResultSet) -> list[str]:
+    """A detector comparison's agreement (its ``agreement.json``): the matrix, and which
+    detector's heads break retrieval with the fewest (each curve is in the K-sweep below)."""
+    path = rs.path / "agreement.json" if rs.path.is_dir() else None
+    if rs.kind != "compare-detectors" or path is None or not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        matrix = data["agreement"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ['<p class="note">agreement.json could not be read: no agreement matrix.</p>']
+    parts = [
+        "<h4>Agreement between detectors</h4>",
+        page.figure(
+            lambda: figures.agreement_heatmap(
+                matrix, title=f"Agreement between detectors: {rs.model}"
+            ),
+            "detector agreement",
+        ),
+    ]
+    fewest = data.get("fewest_heads", {})
+    if isinstance(fewest, dict) and isinstance(fewest.get("k"), dict):
+        fraction = fewest.get("fraction", 0.5)
+        rows = [[name, "—" if k is None else k] for name, k in fewest["k"].items()]
+        parts.append(
+            _summary_table(
+                "fewest-heads",
+                f"Fewest heads whose ablation takes accuracy to {fraction:g} of the baseline "
+                "or below (— : no K measured does)",
+                ["detector", "K"],
+                rows,
+                text=0,
+            )
+        )
+    return parts

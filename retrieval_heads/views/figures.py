@@ -32,7 +32,7 @@ from retrieval_heads.views._fig_heads import (
     score_heatmap,
     score_histogram,
 )
-from retrieval_heads.views._fig_scatter import model_scatter, score_vs_effect
+from retrieval_heads.views._fig_scatter import agreement_heatmap, model_scatter, score_vs_effect
 from retrieval_heads.views._fig_trials import (
     answer_class_figure,
     answer_class_key,
@@ -44,6 +44,7 @@ __all__ = [
     "NIAH_COLORSCALE",
     "SCORE_COLORSCALE",
     "ANSWER_CLASS_KEYS",
+    "agreement_heatmap",
     "score_heatmap",
     "score_histogram",
     "niah_grid",

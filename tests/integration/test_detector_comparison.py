@@ -157,7 +157,36 @@ def test_the_command_end_to_end_resumes_and_reports(detection, tmp_path, monkeyp
     assert len(load_records(out)) == len(records)
     assert json.loads((out / "agreement.json").read_text()) == saved
     path = build_report([out], tmp_path / "report.html")
-    assert "compare-detectors" in path.read_text()
+    page = path.read_text()
+    assert "compare-detectors" in page and "Agreement between detectors" in page
+    assert "Fewest heads whose ablation" in page
+    for name, k in saved["fewest_heads"]["k"].items():  # the table says what the file says
+        assert f'<td>{name}</td><td class="num">{"—" if k is None else k}</td>' in page
+
+
+def test_agreement_heatmap_puts_spearman_above_and_jaccard_below():
+    from retrieval_heads.views.figures import agreement_heatmap
+
+    agreement = {
+        "detectors": ["a", "b", "c"],
+        "ks": [2, 5],
+        "spearman": {
+            "a": {"a": 1.0, "b": 0.5, "c": None},
+            "b": {"a": 0.5, "b": 1.0, "c": -0.25},
+            "c": {"a": None, "b": -0.25, "c": 1.0},
+        },
+        "jaccard": {
+            "5": {
+                "a": {"a": 1.0, "b": 0.2, "c": 0.0},
+                "b": {"a": 0.2, "b": 1.0, "c": 0.4},
+                "c": {"a": 0.0, "b": 0.4, "c": 1.0},
+            }
+        },
+    }
+    z = agreement_heatmap(agreement).data[0].z
+    assert z[0][1] == 0.5 and z[1][2] == -0.25 and z[0][0] == 1.0
+    assert z[1][0] == 0.2 and z[2][1] == 0.4 and z[2][0] == 0.0
+    assert z[0][2] != z[0][2]  # an undefined Spearman stays blank (NaN)
 
 
 @pytest.mark.golden
