@@ -368,7 +368,7 @@ def summary_table(
 def k_sweep(records: Iterable[TrialRecord]) -> list[KSweepRow]:
     """Deprecated alias of :func:`summarise_k_sweep` (``causal.k_sweep`` runs a sweep)."""
     warnings.warn(
-        "retrieval_heads.analysis.summarise_k_sweep is deprecated: use analysis.summarise_k_sweep "
+        "retrieval_heads.analysis.k_sweep is deprecated: use analysis.summarise_k_sweep "
         "(rh.summarise_k_sweep); rh.k_sweep / causal.k_sweep runs a sweep",
         DeprecationWarning,
         stacklevel=2,
