@@ -36,6 +36,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "write_scores": "retrieval_heads.logit_attribution",
     "query_focused_scores": "retrieval_heads.detectors",
     "pattern_scores": "retrieval_heads.detectors",
+    "compare_detectors": "retrieval_heads.detector_comparison",
     # choose heads
     "top_heads": "retrieval_heads.selection",
     "random_heads": "retrieval_heads.selection",
@@ -96,6 +97,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from retrieval_heads.causal import k_sweep as k_sweep
     from retrieval_heads.conditions import HeadAblation as HeadAblation
     from retrieval_heads.conditions import KVWindow as KVWindow
+    from retrieval_heads.detector_comparison import compare_detectors as compare_detectors
     from retrieval_heads.detectors import pattern_scores as pattern_scores
     from retrieval_heads.detectors import query_focused_scores as query_focused_scores
     from retrieval_heads.hooknames import get_act_name as get_act_name
