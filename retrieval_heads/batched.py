@@ -18,7 +18,7 @@ a trial of that length needs and the device's memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,13 @@ from retrieval_heads.scoring import (
 from retrieval_heads.trials.builder import check_trial_tokens
 from retrieval_heads.trials.trial import Trial
 
-__all__ = ["auto_batch_size", "memory_batch_size", "score_batch", "MAX_AUTO_BATCH"]
+__all__ = [
+    "auto_batch_size",
+    "memory_batch_size",
+    "unit_batch_size",
+    "score_batch",
+    "MAX_AUTO_BATCH",
+]
 
 MAX_AUTO_BATCH = 16
 _MEMORY_SHARE = 0.25  # of the device's memory, for the batch's cache and activations
@@ -165,6 +171,18 @@ def auto_batch_size(model: HookedModel, length: int) -> int:
     if model.device.type == "cpu":
         return 1
     return memory_batch_size(model, length)
+
+
+def unit_batch_size(model: HookedModel, batch_size: int | None) -> Callable[[Any], int]:
+    """The batch size of a sweep's unit (its ``item`` a trial): ``batch_size``, or with
+    ``None`` :func:`auto_batch_size` for that trial's length (the runner's ``batch_size=``)."""
+
+    def size(unit: Any) -> int:
+        if batch_size is not None:
+            return batch_size
+        return auto_batch_size(model, len(unit.item.input_ids))
+
+    return size
 
 
 def memory_batch_size(model: HookedModel, length: int) -> int:

@@ -70,6 +70,7 @@ from retrieval_heads.ablation_hooks import (
     resample_sources,
 )
 from retrieval_heads.answering import TASKS, _run_trial, answer_trial
+from retrieval_heads.batched import score_batch, unit_batch_size
 from retrieval_heads.heads import Head, parse_heads
 from retrieval_heads.interventions import Mode, Phase, mean_head_z
 from retrieval_heads.model import HookedModel
@@ -309,11 +310,7 @@ def _execute(
         _, condition = unit.condition
         return _task(unit.item) == "niah" and (not condition.heads or mode in BATCHABLE_MODES)
 
-    def run_batch(batch: list[Unit]) -> list[TrialRecord]:
-        if len(batch) == 1:
-            return [run_unit(batch[0])]
-        from retrieval_heads.batched import score_batch
-
+    def run_batch(batch: list[Unit]) -> list[TrialRecord]:  # the runner runs a lone unit itself
         position, condition = batch[0].condition
         hooks, extras = ablation_hooks(
             model, condition.heads, mode, phase=phase, trials=trials, mean_z=mean_z, config=config
@@ -328,11 +325,6 @@ def _execute(
             for trial, record in zip(batch_trials, scored, strict=True)
         ]
 
-    def batch_for(unit: Unit) -> int:
-        from retrieval_heads.batched import auto_batch_size
-
-        return batch_size or auto_batch_size(model, len(unit.item.input_ids))
-
     units = [
         Unit(f"{t.trial_id}|{tag or condition.tag}", t, (position, condition))
         for position, condition in enumerate(conditions)
@@ -345,7 +337,7 @@ def _execute(
         batch_key=lambda u: (
             (u.condition[0], len(u.item.input_ids)) if batchable(u) else u.record_id
         ),
-        batch_size=batch_for,
+        batch_size=unit_batch_size(model, batch_size),
         out=out,
         model=model_name(model),
         kind=kind,

@@ -45,6 +45,7 @@ import numpy as np
 from jaxtyping import Float
 
 from retrieval_heads import analysis
+from retrieval_heads.batched import score_batch, unit_batch_size
 from retrieval_heads.conditions import KVWindow
 from retrieval_heads.interventions import window_hooks
 from retrieval_heads.model import HookedModel
@@ -410,8 +411,6 @@ def simulate(
     ]
 
     def run_batch(units: list[Unit]) -> list[TrialRecord]:
-        from retrieval_heads.batched import score_batch
-
         policy = units[0].condition.policy
         prefill, decode = ([], []) if policy is None else policy.hooks(model)
         trials = [u.item for u in units]
@@ -421,17 +420,12 @@ def simulate(
             for t, r in zip(trials, records, strict=True)
         ]
 
-    def batch_for(unit: Unit) -> int:
-        from retrieval_heads.batched import auto_batch_size
-
-        return batch_size or auto_batch_size(model, len(unit.item.input_ids))
-
     sweep.records = run_sweep(
         units,
         lambda unit: _run_trial(model, unit.item, unit.condition, config),
         run_batch=None if batch_size == 1 else run_batch,
         batch_key=lambda unit: (unit.condition.tag, len(unit.item.input_ids)),
-        batch_size=batch_for,
+        batch_size=unit_batch_size(model, batch_size),
         out=out,
         model=model_name(model),
         kind="kv-sim",

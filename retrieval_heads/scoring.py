@@ -371,7 +371,7 @@ def detect(
     run_batch: Callable[[list[Unit]], list[TrialRecord]] | None = None
     size: int | Callable[[Unit], int] = 1
     if hooks is None and is_trial_independent(intervention) and batch_size != 1:
-        from retrieval_heads.batched import auto_batch_size, score_batch
+        from retrieval_heads.batched import score_batch, unit_batch_size
 
         def run_batch(units: list[Unit]) -> list[TrialRecord]:
             prefill, decode = [], []
@@ -384,11 +384,7 @@ def detect(
                 with_scorers(model, t, r, scorers) for t, r in zip(trials, records, strict=True)
             ]
 
-        def batch_for(unit: Unit) -> int:
-            length = len(unit.item.input_ids)
-            return batch_size if batch_size is not None else auto_batch_size(model, length)
-
-        size = batch_for
+        size = unit_batch_size(model, batch_size)
 
     records = run_sweep(
         [Unit(t.trial_id, t) for t in trials],
