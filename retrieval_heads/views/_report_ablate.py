@@ -40,17 +40,24 @@ def _conditions(records: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]:
 
 
 def _niah_panels(records: Sequence[TrialRecord]) -> dict[str, list[TrialRecord]]:
-    """Baseline, the largest top-K ablation and the random-K one of that K, side by side."""
+    """Baseline, the largest top-K ablation and the random-K one of that K, side by side.
+
+    The top-K is the K-sweep's ``top``, or in a detector comparison (``top:<detector>``) the
+    copy score's (``top:retrieval``) when it is there."""
     base = [r for r in records if _k(r) == 0]
     ablated = [r for r in records if _k(r) > 0]
     panels: dict[str, list[TrialRecord]] = {}
     if base:
         panels["baseline (no ablation)"] = base
     if ablated:
-        top = [r for r in ablated if _selection(r) == "top"]
+        tops = sorted(
+            {_selection(r) for r in ablated if _selection(r).startswith("top")},
+            key=lambda s: (s != "top", s != "top:retrieval", s),
+        )
+        top = [r for r in ablated if tops and _selection(r) == tops[0]]
         pool = top or ablated
         k_max = max(_k(r) for r in pool)
-        sel = "top" if top else _selection(pool[0])
+        sel = tops[0] if top else _selection(pool[0])
         panels[f"{sel} K={k_max} ablated"] = [r for r in pool if _k(r) == k_max]
         if top:
             rand = [r for r in ablated if _selection(r) == "random" and _k(r) == k_max]
@@ -159,8 +166,7 @@ def _agreement(page: _Page, rs: ResultSet) -> list[str]:
         parts.append(
             _summary_table(
                 "fewest-heads",
-                f"Fewest heads whose ablation takes accuracy to {fraction:g} of the baseline "
-                "or below (— : no K measured does)",
+                f"Fewest heads to ablate for accuracy ≤ {fraction:g} × baseline (—: no K did)",
                 ["detector", "K"],
                 rows,
                 text=0,

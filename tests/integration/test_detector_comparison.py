@@ -159,7 +159,8 @@ def test_the_command_end_to_end_resumes_and_reports(detection, tmp_path, monkeyp
     path = build_report([out], tmp_path / "report.html")
     page = path.read_text()
     assert "compare-detectors" in page and "Agreement between detectors" in page
-    assert "Fewest heads whose ablation" in page
+    assert "Fewest heads to ablate for accuracy ≤ 0.5 × baseline" in page
+    assert "top:retrieval K=2 ablated" in page  # the copy score's top-K beside the baseline
     for name, k in saved["fewest_heads"]["k"].items():  # the table says what the file says
         assert f'<td>{name}</td><td class="num">{"—" if k is None else k}</td>' in page
 
