@@ -157,9 +157,9 @@ class DecodingModel(BridgedModel):
         return False
 
     def _new_cache(self) -> Any:
-        from transformers import DynamicCache
+        from retrieval_heads.model.cache import growing_cache
 
-        return DynamicCache(config=self.hf_model.config)
+        return growing_cache(self.hf_model.config)
 
     def _fast_forward(
         self, input_ids: Int[Tensor, "batch pos"], cache: Any
