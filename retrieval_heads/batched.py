@@ -30,9 +30,9 @@ from retrieval_heads.records import TrialRecord
 from retrieval_heads.scoring import (
     DecodeConfig,
     _is_stop,
-    _StepStats,
     trial_record,
 )
+from retrieval_heads.step_stats import _BatchStepStats
 from retrieval_heads.trials.builder import check_trial_tokens
 from retrieval_heads.trials.trial import Trial
 
@@ -77,7 +77,9 @@ def score_batch(
     device = model.device
     ids = torch.tensor([t.input_ids for t in trials], dtype=torch.long, device=device)  # [b, pos]
     n, pos = ids.shape
-    stats = [_StepStats(model.n_layers, model.n_heads, t.answer_span, pos - 1) for t in trials]
+    spans = [t.answer_span for t in trials]
+    stats = _BatchStepStats(model.n_layers, model.n_heads, spans, pos - 1)
+    steps = [0] * n  # the steps each trial ran, its stop token's included
     budgets = [config.budget(t, model) for t in trials]
     generated: list[list[int]] = [[] for _ in trials]
     stopped_by = ["max_new_tokens"] * n
@@ -88,15 +90,10 @@ def score_batch(
     elif lean and decode_hooks:
         raise ValueError("lean=True runs no decode hooks: they need the bridge (lean=False)")
 
-    def row_sink(layer: int, rows: Float[Tensor, "batch head key"]) -> None:
-        for b in running:
-            stats[b].add(layer, rows[b])
-
     def pattern_hook(layer: int) -> Any:
         def take_rows(pattern: Float[Tensor, "batch head query key"], hook: Any) -> None:
-            rows = pattern[:, :, -1, :]  # [batch, head, key]
-            for b in running:
-                stats[b].add(layer, rows[b].clone())
+            # [batch, head, key], copied as it is now (a later hook may change it in place)
+            stats.add(layer, pattern[:, :, -1, :].clone())
 
         return take_rows
 
@@ -111,10 +108,11 @@ def score_batch(
     state = model.prefill(ids[:, :-1], fwd_hooks=list(prefill_hooks))
     token = ids[:, -1]  # [batch]: the last prompt token is the first decode step
     while running:
+        stats.new_step(device)
         for b in running:
-            stats[b].new_step(device)
+            steps[b] += 1
         if lean:
-            logits = model.step_rows(state, token, row_sink)
+            logits = model.step_rows(state, token, stats.add)
         else:
             logits = model.step(state, token, fwd_hooks=[*pattern_hooks, *decode_hooks])
         token = logits.argmax(dim=-1)  # [batch]
@@ -130,8 +128,8 @@ def score_batch(
         running[:] = still
     share = (time.perf_counter() - began) / n
     return [
-        trial_record(model, t, s, g, why, config, share)
-        for t, s, g, why in zip(trials, stats, generated, stopped_by, strict=True)
+        trial_record(model, t, stats.trial(b, steps[b]), generated[b], stopped_by[b], config, share)
+        for b, t in enumerate(trials)
     ]
 
 

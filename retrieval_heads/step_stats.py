@@ -94,6 +94,84 @@ class _StepStats:
             self.topk_mass[-1][layers] = (values * inside).sum(dim=-1).to(table)
 
 
+@dataclass
+class _BatchStepStats:
+    """:class:`_StepStats` for a batch of trials of one length, reduced for every row at once.
+
+    Rows arrive as ``[batch, head, key]`` per layer and are reduced when the step ends: one
+    argmax and one top-k per group of rows with the same answer length, one span sum per row,
+    instead of a handful of operations per trial (on a GPU each is a kernel launch). Every row is
+    reduced at every step, stopped or not (rows of a batch never interact, so a stopped row's
+    numbers are simply not taken); :meth:`trial` gives a row's first ``n_steps`` steps as the
+    :class:`_StepStats` one trial would have kept. The reductions are the single-trial ones on
+    each row's slice, so the numbers are the same.
+    """
+
+    n_layers: int
+    n_heads: int
+    spans: list[tuple[int, int]]
+    first_query: int | None = None
+    argmax: list[Int[Tensor, "batch layer head"]] = field(default_factory=list)
+    topk_mass: list[Float[Tensor, "batch layer head"]] = field(default_factory=list)
+    span_mass: list[Float[Tensor, "batch layer head"]] = field(default_factory=list)
+    _pending: list[tuple[int, Float[Tensor, "batch head key"]]] = field(default_factory=list)
+
+    def new_step(self, device: torch.device) -> None:
+        self.flush()
+        shape = (len(self.spans), self.n_layers, self.n_heads)
+        self.argmax.append(torch.full(shape, -1, dtype=torch.long, device=device))
+        self.topk_mass.append(torch.zeros(shape, device=device))
+        self.span_mass.append(torch.zeros(shape, device=device))
+
+    def add(self, layer: int, rows: Float[Tensor, "batch head key"]) -> None:
+        """Keep one layer's rows of the current step."""
+        self._pending.append((layer, rows))
+
+    def flush(self) -> None:
+        """Reduce the rows kept for the current step into its tables."""
+        if not self._pending:
+            return
+        step = len(self.argmax) - 1
+        table = self.argmax[-1].device
+        by_length: dict[tuple[int, torch.device], list[tuple[int, Tensor]]] = {}
+        for layer, rows in self._pending:
+            by_length.setdefault((rows.shape[-1], rows.device), []).append((layer, rows))
+        self._pending = []
+        by_k: dict[int, list[int]] = {}
+        for b, (start, end) in enumerate(self.spans):
+            by_k.setdefault(end - start, []).append(b)
+        for (n_keys, device), group in by_length.items():
+            layers = torch.tensor([layer for layer, _ in group], device=table)
+            rows = torch.stack([r for _, r in group]).float()  # [layer, batch, head, key]
+            offset = 0 if self.first_query is None else self.first_query + step + 1 - n_keys
+            argmax = (rows.argmax(dim=-1) + offset).transpose(0, 1)  # [batch, layer, head]
+            self.argmax[-1][:, layers] = argmax.to(table)
+            for k, members in by_k.items():
+                index_b = torch.tensor(members, device=device)
+                values, index = rows.index_select(1, index_b).topk(min(k, n_keys), dim=-1)
+                starts = torch.tensor([self.spans[b][0] - offset for b in members], device=device)
+                starts = starts[None, :, None, None]  # [1, members, 1, 1]
+                inside = (index >= starts) & (index < starts + k)
+                mass = (values * inside).sum(dim=-1).transpose(0, 1)  # [members, layer, head]
+                self.topk_mass[-1][index_b.to(table)[:, None], layers] = mass.to(table)
+            for b, (start, end) in enumerate(self.spans):
+                lo, hi = min(max(start - offset, 0), n_keys), min(max(end - offset, 0), n_keys)
+                self.span_mass[-1][b, layers] = rows[:, b, :, lo:hi].sum(dim=-1).to(table)
+
+    def trial(self, b: int, n_steps: int) -> _StepStats:
+        """Row ``b``'s first ``n_steps`` steps, as one trial's :class:`_StepStats`."""
+        self.flush()
+        return _StepStats(
+            self.n_layers,
+            self.n_heads,
+            self.spans[b],
+            self.first_query,
+            argmax=[t[b] for t in self.argmax[:n_steps]],
+            topk_mass=[t[b] for t in self.topk_mass[:n_steps]],
+            span_mass=[t[b] for t in self.span_mass[:n_steps]],
+        )
+
+
 def copy_events(
     argmax: Int[Tensor, "step layer head"],
     generated: Int[Tensor, " step"],
