@@ -83,7 +83,7 @@ def test_batch_sweep_table_and_verdict_follow_the_numbers():
         return {
             "batch": batch,
             "tn_s": 10.0 / batch,
-            "t1_s": 1.0,
+            "decode_s": 1.0,
             "trials_per_s": 1.6 * batch,
             "tokens_per_s": 25.6 * batch,
             "decode_tokens_per_s": decode,
@@ -104,8 +104,21 @@ def test_batch_sweep_table_and_verdict_follow_the_numbers():
         "wall_s": 60.0,
         "command": "python benchmarks/bench.py --batch-only",
         "results": [row(1, 10.0), row(4, 30.0), row(8, 45.0, same=False), row(16, 50.0)],
+        "roofline": {
+            "tokens": 1000,
+            "prefill_s": 2.0,
+            "gflop": 180.0,
+            "linear_gflop": 170.0,
+            "attention_gflop": 10.0,
+            "prefill_gflops": 90.0,
+            "peak_gflops": 100.0,
+            "peak_shape": "[1000, 4] @ [4, 8]",
+            "share": 0.9,
+        },
     }
     text = bench_batch.render_batch_sweep(data)
+    assert "90 GFLOP/s, 90% of the 100 GFLOP/s" in text
+    assert "is 9 s of prefill in 10 s at batch 1" in text
     assert "| 8 | 12.800 | 204.8 | 45.0 | 4.50 | 8 | **no** |" in text
     assert "**met** (4.50×)" in text
     data["results"][2] = row(8, 20.0)
