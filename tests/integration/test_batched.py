@@ -4,7 +4,7 @@ Same generated tokens, copy events and retrieval scores; attention-mass tables w
 rounding (a batched product may add in another order). Checked on the shipped model (lean
 rows and the bridge's ``hook_pattern`` rows), on a GQA model and on Gemma 3 with
 sliding-window layers, through ``detect`` with a results folder, and across a kill. Activation
-patching's pairs in batches give the batch-1 map (``patching_map``; it
+patching's pairs in batches give the batch-1 map (``patching_map``, the ``patch`` command; it
 runs in memory, so there is no resume to check; ``patched_logits_batch`` on GQA and Llama
 models: test_interventions.py).
 """
@@ -327,3 +327,32 @@ def test_patching_map_in_batches_gives_batch_1s_map(tiny_model, monkeypatch):
     assert sizes == [3] and asked == [(96, tiny_model.n_heads)]
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         patching.patching_map(tiny_model, n_pairs=1, batch_size=0)
+
+
+def test_the_patch_command_takes_a_batch_size(tiny_model, tmp_path, monkeypatch, capsys):
+    from retrieval_heads import cli
+    from retrieval_heads.cli import inputs
+
+    monkeypatch.setattr(inputs, "load", lambda args: tiny_model)
+    sizes = _patch_spy(monkeypatch)
+    maps = {}
+    for size in ("1", "4"):
+        argv = ["patch", "--pairs", "4", "--length", "96", "--batch-size", size]
+        assert cli.main([*argv, "--out", str(tmp_path / size)]) == 0
+        maps[size] = json.loads((tmp_path / size / "patching.json").read_text())
+    assert sizes == [4]
+    torch.testing.assert_close(
+        torch.tensor(maps["4"].pop("effect")),
+        torch.tensor(maps["1"].pop("effect")),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    assert maps["4"] == maps["1"]  # the batch size is not part of what the map records
+    for bad in ("0", "-2", "x", "1.5", "AUTO"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["patch", "--batch-size", bad, "--out", str(tmp_path / "bad")])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --batch-size: invalid batch size: '{bad}'" in err, err
+        assert "expected 'auto' or an integer >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
