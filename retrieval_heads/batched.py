@@ -162,13 +162,13 @@ def device_bytes(device: torch.device) -> int:
     return 8 * 1024**3  # unknown: assume 8 GiB
 
 
-def auto_batch_size(model: HookedModel, length: int) -> int:
+def auto_batch_size(model: HookedModel, length: int, copies: int = 1) -> int:
     """The batch size ``--batch-size auto`` uses for trials of ``length`` tokens: 1 on a CPU
     (a trial there is bound by its prefill, which a batch does not speed up: see
-    docs/benchmarks.md), else :func:`memory_batch_size`."""
+    docs/benchmarks.md), else :func:`memory_batch_size` (``copies`` as there)."""
     if model.device.type == "cpu":
         return 1
-    return memory_batch_size(model, length)
+    return memory_batch_size(model, length, copies)
 
 
 def unit_batch_size(model: HookedModel, batch_size: int | None) -> Callable[[Any], int]:
@@ -183,8 +183,10 @@ def unit_batch_size(model: HookedModel, batch_size: int | None) -> Callable[[Any
     return size
 
 
-def memory_batch_size(model: HookedModel, length: int) -> int:
+def memory_batch_size(model: HookedModel, length: int, copies: int = 1) -> int:
     """As many trials of ``length`` tokens as fit in a quarter of the device's memory (at
-    least 1, at most :data:`MAX_AUTO_BATCH`)."""
-    fit = int(_MEMORY_SHARE * device_bytes(model.device) // max(1, trial_bytes(model, length)))
+    least 1, at most :data:`MAX_AUTO_BATCH`), each run as ``copies`` sequences at once
+    (activation patching runs a pair's corrupted prompt once per head of a layer)."""
+    need = max(1, copies * trial_bytes(model, length))
+    fit = int(_MEMORY_SHARE * device_bytes(model.device) // need)
     return max(1, min(MAX_AUTO_BATCH, fit))

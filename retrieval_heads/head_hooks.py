@@ -93,7 +93,9 @@ def kv_group(model: HookedModel, heads: HeadLabels) -> list[Head]:
     return sorted(out)
 
 
-def _as_batch(ids: Int[Tensor, "batch pos"] | Sequence[int], model: HookedModel) -> Tensor:
+def _as_batch(
+    ids: Int[Tensor, "batch pos"] | Sequence[int] | Sequence[Sequence[int]], model: HookedModel
+) -> Tensor:
     ids = torch.as_tensor(ids, device=model.device)
     if ids.ndim == 1:
         ids = ids[None]

@@ -16,7 +16,8 @@ in four modules, one concept each, and is re-exported here:
   :class:`RecordedZ`, :func:`record_z`: a ``resample`` ablation's source) and
   :func:`mean_head_z` (a ``mean`` ablation's data);
 - :mod:`retrieval_heads.head_patching` — activation patching per head (:func:`patch_heads`,
-  :func:`patched_logits`, :class:`PatchedLogits`).
+  :func:`patched_logits`, :class:`PatchedLogits`; several pairs of one length at once:
+  :func:`patch_heads_batch`, :func:`patched_logits_batch`).
 
 None of them decides *which* heads to touch: callers pass them (top-K retrieval heads, random
 heads of the same count, ...). Everything is a list of ``(hook_name, fn)`` pairs that
@@ -43,7 +44,13 @@ from retrieval_heads.head_hooks import PHASES, Phase, kv_group, window_hooks, wi
 from retrieval_heads.head_hooks import HeadLabels as HeadLabels
 from retrieval_heads.head_hooks import Hooks as Hooks
 from retrieval_heads.head_hooks import first_key as first_key
-from retrieval_heads.head_patching import PatchedLogits, patch_heads, patched_logits
+from retrieval_heads.head_patching import (
+    PatchedLogits,
+    patch_heads,
+    patch_heads_batch,
+    patched_logits,
+    patched_logits_batch,
+)
 from retrieval_heads.head_z import RecordedZ, ZRecorder, mean_head_z, record_z
 
 __all__ = [
@@ -65,7 +72,9 @@ __all__ = [
     "kv_group",
     "mean_head_z",
     "patch_heads",
+    "patch_heads_batch",
     "patched_logits",
+    "patched_logits_batch",
     "record_z",
     "window_hooks",
     "window_mask",

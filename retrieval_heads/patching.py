@@ -3,8 +3,9 @@
 - :class:`PatchingPair` — a clean prompt and its corruption (the same tokens, another value);
 - :func:`patching_pairs` — such pairs in the embedded model's world, depths spread evenly;
 - :func:`patching_map` — each head's clean ``z`` patched into the corrupt run
-  (:func:`~retrieval_heads.interventions.patch_heads`), the recovered logit difference averaged
-  over the pairs;
+  (:func:`~retrieval_heads.interventions.patch_heads`; pairs in batches:
+  :func:`~retrieval_heads.interventions.patch_heads_batch`), the recovered logit difference
+  averaged over the pairs;
 - :func:`patching_vs_scores` — the map's agreement with the retrieval scores.
 
 The pairs are built in the embedded model's synthetic language (its needles, haystack, template
@@ -108,7 +109,12 @@ def patching_pairs(
 
 
 def patching_map(
-    model: HookedModel, n_pairs: int = 8, seed: int = 0, length: int = 128
+    model: HookedModel,
+    n_pairs: int = 8,
+    seed: int = 0,
+    length: int = 128,
+    *,
+    batch_size: int | None = 1,
 ) -> Float[Tensor, "layer head"]:
     """Per-head recovery of the logit difference, averaged over :func:`patching_pairs`.
 
@@ -117,17 +123,36 @@ def patching_map(
     (ld_clean - ld_corrupt)`` with ``ld = logit[A's first token] - logit[B's first token]`` at
     the last prompt position; the map is the mean over pairs (pairs whose recovery is undefined
     are skipped). The pairs run as units of :func:`~retrieval_heads.runner.run_sweep`, each one
-    record (:func:`pair_record`). Returns a float32 ``[n_layers, n_heads]`` tensor on the CPU.
+    record (:func:`pair_record`), in memory (nothing is written, so there is nothing to resume).
+    Returns a float32 ``[n_layers, n_heads]`` tensor on the CPU.
+
+    ``batch_size``: pairs patched together (:func:`pair_records`: their clean prompts in one
+    batch, their corrupted ones in another, and each layer's patched runs as one batch of
+    ``batch_size x n_heads`` copies); ``None`` picks it from the device's memory
+    (:func:`~retrieval_heads.batched.auto_batch_size` with a pair counted as ``n_heads``
+    copies: 1 on a CPU). Each pair's record is the one it gets alone, its recoveries within
+    float rounding (a batched matrix product may add in another order).
     """
     from retrieval_heads.runner import Unit, run_sweep
 
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None: from the memory), got {batch_size}")
     pairs = patching_pairs(model, n_pairs, seed, length)
+    size = batch_size
+    if size is None:
+        from retrieval_heads.batched import auto_batch_size
+
+        tokens = len(pairs[0].clean_ids) if pairs else length
+        size = auto_batch_size(model, tokens, copies=model.n_heads)
     records = run_sweep(
         [Unit(pair.trial_id, pair) for pair in pairs],
         lambda unit: pair_record(model, unit.item),
         model=getattr(model, "name", None) or "model",
         kind="patch",
-        config={"n_pairs": n_pairs, "seed": seed, "length": length},
+        config={"n_pairs": n_pairs, "seed": seed, "length": length},  # not the batch size
+        run_batch=lambda units: pair_records(model, [unit.item for unit in units]),
+        batch_key=lambda unit: len(unit.item.clean_ids),  # one length: no padding
+        batch_size=size,
     )
     defined = [r for r in records if r.passed]
     if not defined:
@@ -141,22 +166,40 @@ def pair_record(model: HookedModel, pair: PatchingPair) -> Any:
     (``passed`` is False, and the table zeros, where the recovery is undefined: the clean and
     corrupt logit differences are equal)."""
     from retrieval_heads.interventions import patch_heads
-    from retrieval_heads.records import TrialRecord
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        effect = (
-            patch_heads(
-                model,
-                list(pair.clean_ids),
-                list(pair.corrupt_ids),
-                pair.answer_token,
-                pair.wrong_token,
-            )
-            .float()
-            .cpu()
-        )  # [layer, head]
-    defined = not bool(torch.isnan(effect).any())
+        effect = patch_heads(
+            model,
+            list(pair.clean_ids),
+            list(pair.corrupt_ids),
+            pair.answer_token,
+            pair.wrong_token,
+        )
+    return _record(model, pair, effect.float().cpu())
+
+
+def pair_records(model: HookedModel, pairs: list[PatchingPair]) -> list[Any]:
+    """:func:`pair_record` for pairs of one length patched together
+    (:func:`~retrieval_heads.interventions.patch_heads_batch`), one record each, in order."""
+    from retrieval_heads.interventions import patch_heads_batch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        effects = patch_heads_batch(
+            model,
+            [list(p.clean_ids) for p in pairs],
+            [list(p.corrupt_ids) for p in pairs],
+            [p.answer_token for p in pairs],
+            [p.wrong_token for p in pairs],
+        )
+    return [_record(model, p, e) for p, e in zip(pairs, effects.float().cpu(), strict=True)]
+
+
+def _record(model: HookedModel, pair: PatchingPair, effect: Tensor) -> Any:
+    from retrieval_heads.records import TrialRecord
+
+    defined = not bool(torch.isnan(effect).any())  # [layer, head]
     return TrialRecord(
         trial_id=pair.trial_id,
         params={"task": "patching", "depth_percent": pair.depth_percent},

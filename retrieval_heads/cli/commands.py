@@ -222,7 +222,9 @@ def cmd_patch(args) -> int:
     check_output_folder(args.out)
     check_output_file(args.out / "patching.json", "patching map", owns={"patching.json"})
     model = inputs.load(args)
-    effect = patching.patching_map(model, n_pairs=args.pairs, seed=args.seed, length=args.length)
+    effect = patching.patching_map(
+        model, n_pairs=args.pairs, seed=args.seed, length=args.length, batch_size=args.batch_size
+    )
     out = {"model": model.name, "pairs": args.pairs, "seed": args.seed, "effect": effect.tolist()}
     if args.scores:
         _, scores, _ = load_results(args.scores)

@@ -174,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--scores", type=_path, default=None, help="detect results to correlate with")
     p.add_argument("--out", type=_path, required=True)
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        metavar="N|auto",
+        help="pairs patched together, each a layer's heads as copies of its prompt (auto: 1 on "
+        "a CPU, else from the GPU's memory, at most 16); the map does not depend on it beyond "
+        "float rounding",
+    )
 
     p = sub.add_parser(
         "kv-sim", help="KV-cache what-if: accuracy vs KV share when only some heads keep it all"

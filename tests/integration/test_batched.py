@@ -3,7 +3,10 @@
 Same generated tokens, copy events and retrieval scores; attention-mass tables within float
 rounding (a batched product may add in another order). Checked on the shipped model (lean
 rows and the bridge's ``hook_pattern`` rows), on a GQA model and on Gemma 3 with
-sliding-window layers, through ``detect`` with a results folder, and across a kill.
+sliding-window layers, through ``detect`` with a results folder, and across a kill. Activation
+patching's pairs in batches give the batch-1 map (``patching_map``, the ``patch`` command; it
+runs in memory, so there is no resume to check; ``patched_logits_batch`` on GQA and Llama
+models: test_interventions.py).
 """
 
 from __future__ import annotations
@@ -173,7 +176,9 @@ def test_auto_batch_size_follows_the_memory_a_trial_needs(tiny_model, monkeypatc
     assert trial_bytes(tiny_model, 2000) > per_trial > 0
     monkeypatch.setattr("retrieval_heads.batched.device_bytes", lambda device: 4 * 3 * per_trial)
     assert memory_batch_size(tiny_model, 1000) == 3
+    assert memory_batch_size(tiny_model, 1000, copies=2) == 1  # a pair patched: a copy per head
     assert auto_batch_size(tiny_model, 1000) == 1  # on a CPU: prefill-bound, no gain
+    assert auto_batch_size(tiny_model, 1000, copies=8) == 1
     monkeypatch.setattr("retrieval_heads.batched.device_bytes", lambda device: 0)
     assert memory_batch_size(tiny_model, 1000) == 1
     monkeypatch.setattr("retrieval_heads.batched.device_bytes", lambda device: 10**15)
@@ -261,3 +266,93 @@ def _detection(model, trials, tmp_path):
     if not (out / "head_scores.json").exists():
         detect(model, trials, out=out, batch_size=6)
     return out
+
+
+# ---- activation patching: pairs in batches -----------------------------------------------------
+
+
+def _patch_spy(monkeypatch):
+    """The sizes of the batches of pairs patched together (interventions.patch_heads_batch)."""
+    from retrieval_heads import interventions
+
+    sizes = []
+    original = interventions.patch_heads_batch
+
+    def counted(model, clean_ids, *args, **kwargs):
+        sizes.append(len(clean_ids))
+        return original(model, clean_ids, *args, **kwargs)
+
+    monkeypatch.setattr(interventions, "patch_heads_batch", counted)
+    return sizes
+
+
+def test_patching_map_in_batches_gives_batch_1s_map(tiny_model, monkeypatch):
+    """Each pair's record is the one it gets alone: its recoveries within float rounding (see
+    test_interventions' REL; on one CPU thread they agree to the bit), so the map too."""
+    from retrieval_heads import patching
+
+    sizes = _patch_spy(monkeypatch)
+    one = patching.patching_map(tiny_model, n_pairs=5, seed=0, length=96, batch_size=1)
+    assert sizes == []  # batch 1: pair by pair, as before
+    four = patching.patching_map(tiny_model, n_pairs=5, seed=0, length=96, batch_size=4)
+    assert sizes == [4]  # the fifth pair is a lone unit: the runner runs it pair by pair
+    torch.testing.assert_close(four, one, atol=1e-5, rtol=1e-4)
+    assert one.abs().max() > 0.05  # a map with something in it
+    pairs = patching.patching_pairs(tiny_model, n_pairs=2, seed=0, length=96)
+    for batched, pair in zip(patching.pair_records(tiny_model, pairs), pairs, strict=True):
+        alone = patching.pair_record(tiny_model, pair)
+        assert (batched.trial_id, batched.passed, batched.params) == (
+            alone.trial_id,
+            alone.passed,
+            alone.params,
+        )
+        torch.testing.assert_close(
+            torch.tensor(batched.scores["patching"]),
+            torch.tensor(alone.scores["patching"]),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    # auto: 1 on a CPU (pair by pair); on a GPU from its memory, a pair counted as n_heads copies
+    sizes.clear()
+    patching.patching_map(tiny_model, n_pairs=2, seed=0, length=96, batch_size=None)
+    assert sizes == []
+    asked = []
+
+    def on_a_gpu(model, length, copies=1):
+        asked.append((length, copies))
+        return 3
+
+    monkeypatch.setattr("retrieval_heads.batched.auto_batch_size", on_a_gpu)
+    patching.patching_map(tiny_model, n_pairs=3, seed=0, length=96, batch_size=None)
+    assert sizes == [3] and asked == [(96, tiny_model.n_heads)]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        patching.patching_map(tiny_model, n_pairs=1, batch_size=0)
+
+
+def test_the_patch_command_takes_a_batch_size(tiny_model, tmp_path, monkeypatch, capsys):
+    from retrieval_heads import cli
+    from retrieval_heads.cli import inputs
+
+    monkeypatch.setattr(inputs, "load", lambda args: tiny_model)
+    sizes = _patch_spy(monkeypatch)
+    maps = {}
+    for size in ("1", "4"):
+        argv = ["patch", "--pairs", "4", "--length", "96", "--batch-size", size]
+        assert cli.main([*argv, "--out", str(tmp_path / size)]) == 0
+        maps[size] = json.loads((tmp_path / size / "patching.json").read_text())
+    assert sizes == [4]
+    torch.testing.assert_close(
+        torch.tensor(maps["4"].pop("effect")),
+        torch.tensor(maps["1"].pop("effect")),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    assert maps["4"] == maps["1"]  # the batch size is not part of what the map records
+    for bad in ("0", "-2", "x", "1.5", "AUTO"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["patch", "--batch-size", bad, "--out", str(tmp_path / "bad")])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --batch-size: invalid batch size: '{bad}'" in err, err
+        assert "expected 'auto' or an integer >= 1" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

@@ -972,6 +972,7 @@ def test_e55_option_value_of_the_wrong_sign_type_emptiness_or_range(tmp_path, ca
         (["detect", "--lengths", ","], r"argument --lengths: expected comma-separated integers, got ','"),
         (["kv-sim", "--scores", out, "--tolerance", "2"], r"argument --tolerance: expected a number from 0 to 1, got '2'"),
         (["patch", "--seed", "-1"], r"argument --seed: expected an integer >= 0, got '-1'"),
+        (["patch", "--batch-size", "0"], r"argument --batch-size: invalid batch size: '0' \(expected 'auto' or an integer >= 1\)"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as info:
             cli_module.main([str(a) for a in (*argv, "--out", out)])

@@ -13,7 +13,9 @@ from retrieval_heads.interventions import (
     kv_group,
     mean_head_z,
     patch_heads,
+    patch_heads_batch,
     patched_logits,
+    patched_logits_batch,
     record_z,
 )
 
@@ -376,8 +378,57 @@ def test_patching_errors(llama_model, random_ids):
         patch_heads(m, random_ids(10), random_ids(9), 30, 31)
     with pytest.raises(ValueError, match="answer_token"):
         patch_heads(m, random_ids(5), random_ids(5), m.d_vocab, 31)
-    with pytest.raises(ValueError, match="batch of 1"):
+    with pytest.raises(ValueError, match="batch of 1.*patched_logits_batch"):
         patch_heads(m, random_ids(5, batch=2), random_ids(5, batch=2), 30, 31)
+
+
+# Several pairs at once must give each pair what it gets alone: the logits within float32
+# rounding (ATOL); a recovery is a difference of such logits over the clean-corrupt difference
+# (above 0.05 for these pairs, checked), so ~1e-6 of rounding in the logits moves it by less
+# than ~2e-5: within ATOL plus 1e-4 of its size. On one CPU thread they agree to the bit.
+REL = 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "gqa"])
+@pytest.mark.parametrize("batch_size", [None, 3], ids=["one-pass", "3-copies"])
+def test_pairs_in_a_batch_give_each_pair_its_own_patching(request, random_ids, kind, batch_size):
+    m = request.getfixturevalue(f"{kind}_model")
+    clean = random_ids(N, seed=21, batch=3)
+    corrupt = torch.cat([corrupted(clean[p : p + 1], 2 + p) for p in range(3)])
+    answers, wrongs = [30, 41, 52], [31, 40, 60]
+    heads = None if batch_size is None else ["0.1", "1.0", "1.3"]  # 3 copies cut across pairs
+    runs = patched_logits_batch(m, clean, corrupt, heads, batch_size=batch_size)
+    recovery = patch_heads_batch(m, clean, corrupt, answers, wrongs, heads, batch_size=batch_size)
+    assert len(runs) == 3 and recovery.shape == (3, m.n_layers, m.n_heads)
+    for p in range(3):
+        alone = patched_logits(m, clean[p : p + 1], corrupt[p : p + 1], heads)
+        for name in ("clean", "corrupt", "patched"):
+            torch.testing.assert_close(
+                getattr(runs[p], name), getattr(alone, name), atol=ATOL, rtol=0, equal_nan=True
+            )
+        assert runs[p].heads == alone.heads
+        ld = alone.clean[answers[p]] - alone.clean[wrongs[p]]
+        assert abs(ld - (alone.corrupt[answers[p]] - alone.corrupt[wrongs[p]])) > 0.05
+        one = patch_heads(m, clean[p : p + 1], corrupt[p : p + 1], answers[p], wrongs[p], heads)
+        torch.testing.assert_close(recovery[p], one, atol=ATOL, rtol=REL, equal_nan=True)
+        assert recovery[p].isnan().sum() == (0 if heads is None else m.n_layers * m.n_heads - 3)
+
+
+def test_a_batch_of_pairs_refuses_what_cannot_pair(gqa_model, random_ids):
+    m = gqa_model
+    ids = random_ids(6, batch=2)
+    with pytest.raises(ValueError, match="one corrupted prompt per clean one: got 2 clean and 1"):
+        patched_logits_batch(m, ids, ids[:1])
+    with pytest.raises(ValueError, match="same length.*6 and 5"):
+        patched_logits_batch(m, ids, ids[:, :5])
+    with pytest.raises(ValueError, match="got 2 pairs, 1 answer and 2 wrong tokens"):
+        patch_heads_batch(m, ids, ids, [30], [31, 32])
+    with pytest.raises(ValueError, match="wrong_token"):
+        patch_heads_batch(m, ids, ids, [30, 30], [31, m.d_vocab])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        patched_logits_batch(m, ids, ids, batch_size=0)
+    with pytest.warns(RuntimeWarning, match="pairs 0, 1: .*undefined"):
+        assert patch_heads_batch(m, ids, ids, [30, 30], [31, 31]).isnan().all()
 
 
 # ---- errors that need a model ----------------------------------------------------------------

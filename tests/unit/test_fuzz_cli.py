@@ -252,6 +252,7 @@ CASES: dict[str, dict[str, list[tuple[Any, Any]]]] = {
         "seed": non_negative(),
         "scores": PATH,
         "out": PATH,
+        "batch_size": TRIAL["batch_size"],
     },
     "kv-sim": {
         **MODEL,
@@ -477,6 +478,7 @@ def test_the_parse_time_row_is_in_the_catalogue():
         (["detect", "--out=o", "--max-memory={}"], "argument --max-memory: expected a JSON object {device: size} of at least one entry, got '{}'"),
         (["detect", "--out=o", "--device-map={}"], "argument --device-map: expected a JSON object {module: device} of at least one entry, got '{}'"),
         (["patch", "--out=o", "--length=0"], "argument --length: expected an integer >= 1, got '0'"),
+        (["patch", "--out=o", "--batch-size=0"], "argument --batch-size: invalid batch size: '0' (expected 'auto' or an integer >= 1)"),
         (["kv-sim", "--scores=s", "--out=o", "--tolerance=2"], "argument --tolerance: expected a number from 0 to 1, got '2'"),
         (["kv-sim", "--scores=s", "--out=o", "--uniform-windows=0"], "argument --uniform-windows: expected comma-separated integers >= 1, got 0 in '0'"),
         (["compare", "a", "b", "--k=0"], "argument --k: expected an integer >= 1, got '0'"),
