@@ -4,9 +4,10 @@
 An ablation is its heads (query heads, parsed and sorted) and its phase (``"decode"``: hooks
 for ``step`` only; ``"all"``: for prefill too); the base class implements the
 :class:`~retrieval_heads.intervention.Intervention` protocol from the per-layer hooks each mode
-builds. ``Ablation(heads, mode, ...)`` builds the mode's class
-(:func:`retrieval_heads.ablation._from_mode`). Also here: the mode names (:data:`MODES`) and
-:func:`check_uniform`.
+builds, says whether its hooks treat every row of a batch alike (``trial_independent``) and
+stacks per-trial ablations into one for a batch (:meth:`Ablation.stack`). ``Ablation(heads,
+mode, ...)`` builds the mode's class (:func:`retrieval_heads.ablation._from_mode`). Also here:
+the mode names (:data:`MODES`) and :func:`check_uniform`.
 
 It builds no hook function itself (:mod:`retrieval_heads.head_hooks` does) and never decides
 which heads to ablate.
@@ -14,7 +15,7 @@ which heads to ablate.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor
@@ -104,8 +105,6 @@ class Ablation(metaclass=_ByMode):
     """
 
     mode: ClassVar[str] = ""
-    #: Hooks that ignore the trial and treat every row of a batch alike (batches may run).
-    trial_independent: ClassVar[bool] = True
     # The data of the other modes, None here (read by code written for one Ablation class).
     mean_z: Tensor | None = None
     resample: RecordedZ | None = None
@@ -148,6 +147,32 @@ class Ablation(metaclass=_ByMode):
         self, model: HookedModel, layer: int, heads: list[int], idx: _Index, phase: str
     ) -> Hooks:
         raise NotImplementedError
+
+    @property
+    def trial_independent(self) -> bool:
+        """Whether the hooks treat every row of a batch alike (so batches of trials may run
+        under one ablation); they never depend on the trial."""
+        return True
+
+    @classmethod
+    def stack(cls, parts: Sequence[Ablation]) -> Ablation | None:
+        """One ablation whose hooks treat batch row ``i`` as ``parts[i]`` treats its trial run
+        alone, or ``None`` when the parts cannot share a batch (run them one by one): parts of
+        other classes, heads or phases, or data the mode cannot hold row by row."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("no ablations to stack")
+        first = parts[0]
+        if any(
+            type(p) is not type(first) or p.heads != first.heads or p.phase != first.phase
+            for p in parts
+        ):
+            return None
+        return first if len(parts) == 1 else first._stack(parts)
+
+    def _stack(self, parts: list[Ablation]) -> Ablation | None:
+        """:meth:`stack` of ``parts`` of this class, heads and phase: the same hooks for all."""
+        return self
 
     def check(self, model: HookedModel) -> Ablation:
         """Range-check the heads (and the mode's data) against ``model``; return self."""

@@ -15,6 +15,7 @@ import torch
 
 from retrieval_heads import runner
 from retrieval_heads.batched import auto_batch_size, memory_batch_size, score_batch, trial_bytes
+from retrieval_heads.interventions import RecordedZ
 from retrieval_heads.scoring import DecodeConfig, detect, score_trial
 from retrieval_heads.store import load_records
 
@@ -184,7 +185,7 @@ def test_trial_independent_interventions_run_in_batches(
     tiny_model, tiny_trials, tmp_path, monkeypatch
 ):
     from retrieval_heads import batched
-    from retrieval_heads.interventions import ResampleAblation, UniformAblation
+    from retrieval_heads.interventions import KnockoutAblation, ResampleAblation, UniformAblation
     from retrieval_heads.kvcache import KVPolicy
 
     sizes = []
@@ -195,9 +196,16 @@ def test_trial_independent_interventions_run_in_batches(
         return original(model, trials, *args, **kwargs)
 
     monkeypatch.setattr(batched, "score_batch", counted)
-    uniform = UniformAblation(["2.0", "2.1", "2.4"])
+    heads = ["2.0", "2.1", "2.4"]
+    uniform = UniformAblation(heads)
     window = KVPolicy(frozenset({(2, 0)}), sink=4, window=16)
-    for name, intervention in (("uniform", uniform), ("window", window)):
+    # one recorded sequence replayed on every row; one set of positions blocked on every row
+    recorded = _recorded(tiny_model, tiny_trials[1])
+    resample = ResampleAblation(heads, resample=recorded, model=tiny_model)
+    knockout = KnockoutAblation(heads, range(*tiny_trials[0].target.span))
+    assert resample.trial_independent and knockout.trial_independent
+    interventions = {"uniform": uniform, "window": window, "resample": resample, "knock": knockout}
+    for name, intervention in interventions.items():
         one = detect(tiny_model, tiny_trials, out=tmp_path / f"{name}1", intervention=intervention)
         sizes.clear()
         four = detect(
@@ -211,12 +219,13 @@ def test_trial_independent_interventions_run_in_batches(
         assert sizes == [4, 2, 4, 2], name  # two lengths of 6 trials each
         assert _comparable(tmp_path / f"{name}4") == _comparable(tmp_path / f"{name}1"), name
         assert (four.values == one.values).all()
-    # a resample replays another trial per trial: its trials run one by one
+    assert _comparable(tmp_path / "resample1") != _comparable(tmp_path / "uniform1")  # it acts
+    # a recording of two sequences replays one per row: its trials run one at a time
     sizes.clear()
-    resample = ResampleAblation(
-        ["2.0"], resample=_recorded(tiny_model, tiny_trials[1]), model=tiny_model
-    )
-    detect(tiny_model, tiny_trials[:2], intervention=resample, batch_size=4, require_pass=False)
+    two = ResampleAblation(heads, resample=RecordedZ.stack([recorded, recorded]))
+    assert not two.trial_independent
+    with pytest.raises(ValueError, match="the resample recording has batch 2, the run 1"):
+        detect(tiny_model, tiny_trials[:2], intervention=two, batch_size=4, require_pass=False)
     assert sizes == []
 
 
