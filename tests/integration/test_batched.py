@@ -252,17 +252,48 @@ def test_kv_sim_in_batches_writes_what_batch_1_writes(tiny_model, tiny_trials, t
     assert _comparable(tmp_path / "four") == _comparable(tmp_path / "one")
 
 
-@pytest.mark.parametrize("mode", ["uniform", "mean", "resample"])
-def test_k_sweep_in_batches_writes_what_batch_1_writes(tiny_model, tiny_trials, tmp_path, mode):
-    from retrieval_heads.causal import k_sweep
+@pytest.mark.parametrize(
+    "mode, phase",
+    [
+        ("uniform", "decode"),
+        ("mean", "decode"),
+        ("resample", "decode"),
+        ("resample", "all"),
+        ("knockout", "decode"),
+        ("knockout", "all"),
+    ],
+)
+def test_k_sweep_in_batches_writes_what_batch_1_writes(
+    tiny_model, tiny_trials, tmp_path, monkeypatch, mode, phase
+):
+    """Every mode batches, resample and knockout too (their per-trial ablations stacked): the
+    ablated conditions run in batches of 4 and 2 with hooks, and write batch 1's records."""
+    from retrieval_heads import causal
     from retrieval_heads.scores import HeadScores
 
     scores = HeadScores.load(_detection(tiny_model, tiny_trials, tmp_path) / "head_scores.json")
-    kwargs = dict(ks=[0, 3], draws=1, mode=mode, n_reference=2, include_matched=False)
+    kwargs = dict(ks=[0, 3], draws=1, mode=mode, phase=phase, n_reference=2, include_matched=False)
     trials = tiny_trials[:6]  # one length
-    k_sweep(tiny_model, trials, scores, out=tmp_path / f"{mode}1", **kwargs)
-    k_sweep(tiny_model, trials, scores, out=tmp_path / f"{mode}4", batch_size=4, **kwargs)
+    causal.k_sweep(tiny_model, trials, scores, out=tmp_path / f"{mode}1", **kwargs)
+    batches = spy_batches(monkeypatch, causal)
+    causal.k_sweep(tiny_model, trials, scores, out=tmp_path / f"{mode}4", batch_size=4, **kwargs)
+    # K=0 (no hooks), then top-3 and random-3, each 6 trials in batches of 4 and 2
+    assert batches == [(4, False), (2, False), *[(4, True), (2, True)] * 2]
     assert _comparable(tmp_path / f"{mode}4") == _comparable(tmp_path / f"{mode}1")
+
+
+def spy_batches(monkeypatch, module):
+    """Replace ``module.score_batch`` by one that notes each batch: ``(size, hooked)``."""
+    original = module.score_batch
+    batches = []
+
+    def spied(model, trials, *args, **kwargs):
+        hooked = bool(kwargs.get("decode_hooks") or kwargs.get("prefill_hooks"))
+        batches.append((len(trials), hooked))
+        return original(model, trials, *args, **kwargs)
+
+    monkeypatch.setattr(module, "score_batch", spied)
+    return batches
 
 
 def _detection(model, trials, tmp_path):
