@@ -5,10 +5,12 @@ Each mode is a class (:class:`UniformAblation`, :class:`ZeroAblation`, :class:`M
 :class:`ResampleAblation`, :class:`KnockoutAblation`; the mode's data is a constructor
 argument) implementing the :class:`~retrieval_heads.intervention.Intervention` protocol, so
 ``detect(model, trials, intervention=UniformAblation(heads))`` runs it; ``Ablation(heads,
-mode, ...)`` and :func:`ablate` build the class from the mode's name. Each mode acts on *query*
-heads (``hook_q``, ``hook_z``, ``hook_attn_scores`` and ``hook_pattern`` are per query head,
-also under grouped-query attention; use :func:`~retrieval_heads.head_hooks.kv_group` to ablate
-every query head that reads a kv head), with one hook per layer (per hook point).
+mode, ...)`` and :func:`ablate` build the class from the mode's name (the base class lives in
+:mod:`retrieval_heads.ablation_base`, with :data:`MODES` and :func:`check_uniform`). Each
+mode acts on *query* heads (``hook_q``, ``hook_z``, ``hook_attn_scores`` and ``hook_pattern``
+are per query head, also under grouped-query attention; use
+:func:`~retrieval_heads.head_hooks.kv_group` to ablate every query head that reads a kv head),
+with one hook per layer (per hook point).
 
 Ablation modes
 --------------
@@ -49,34 +51,38 @@ and ``prefill_hooks`` is empty. ``phase="all"``: the same hooks for prefill too 
 runs the bridge in chunks instead of the fast path). It never decides *which* heads to ablate
 (callers pass them: top-K retrieval heads, random heads of the same count, ...;
 :mod:`retrieval_heads.selection` picks them).
+
+Batches: the hooks act on every row of a batch. Those of ``uniform``, ``zero``, ``mean``, a
+``resample`` of a one-sequence recording and a ``knockout`` of one set of positions treat every
+row alike (``trial_independent``); :meth:`Ablation.stack` makes one ablation whose row ``i``
+acts as ``parts[i]`` acts on its trial alone (a resample of the stacked recordings, a knockout
+of per-row positions), so ablations built trial by trial run in batches too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from retrieval_heads.ablation_base import MODES, Ablation, Mode, _check_phase, check_uniform
 from retrieval_heads.head_hooks import (
-    PHASES,
     HeadLabels,
     Hooks,
     Phase,
-    _by_layer,
+    _blocked_mask,
     _empty_rows_hook,
-    _Index,
     _knockout_hook,
-    _labels,
     _mean_hook,
     _parse,
     _replay_decode_hook,
     _replay_prefill_hook,
     _zero_heads_hook,
 )
-from retrieval_heads.head_z import RecordedZ
-from retrieval_heads.heads import Head
+from retrieval_heads.head_z import RecordedZ, check_mean_z
 
 if TYPE_CHECKING:
     from retrieval_heads.model import HookedModel
@@ -95,161 +101,12 @@ __all__ = [
     "check_uniform",
 ]
 
-Mode = Literal["uniform", "zero", "mean", "resample", "knockout"]
-
-MODES: dict[str, str] = {
-    "uniform": "zero the head's queries (hook_q): uniform attention over the visible keys",
-    "zero": "zero the head's output z (hook_z)",
-    "mean": "replace z by its mean over a reference set (needs mean_z)",
-    "resample": "replace z by its z on another trial (needs resample=record_z(...))",
-    "knockout": "block attention to chosen key positions (needs blocked_positions)",
-}
-
 _NEEDS = {"mean": "mean_z", "resample": "resample", "knockout": "blocked_positions"}
 _HINTS = {
     "mean_z": "a [n_layers, n_heads, d_head] tensor, e.g. mean_head_z(model, reference_ids)",
     "resample": "a RecordedZ from record_z(model, other_trial_ids, heads, n_steps=...)",
     "blocked_positions": "the absolute key positions to block, e.g. range(*needle_span)",
 }
-
-
-def check_uniform(model: HookedModel) -> None:
-    """``uniform`` zeroes the query: on a model with ALiBi the position bias survives, and the
-    "uniform" row would run from ~1e-4 to ~0.06. Refused rather than mislabelled."""
-    if getattr(model, "score_bias", None) == "alibi":
-        raise ValueError(
-            f"{model.name} adds ALiBi position biases to its attention scores, which a zeroed "
-            "query keeps, so 'uniform' ablation would not give uniform attention there: use "
-            "--mode zero or mean"
-        )
-
-
-def _check_phase(phase: str) -> None:
-    if phase not in PHASES:
-        raise ValueError(
-            f"unknown phase {phase!r}: use 'decode' (hooks on decode steps only, the "
-            "paper's choice) or 'all' (prefill and decode)"
-        )
-
-
-class _ByMode(type):
-    """``Ablation(heads, mode, ...)`` builds the mode's class; a mode class builds itself."""
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        if cls is Ablation:
-            return _from_mode(*args, **kwargs)
-        return super().__call__(*args, **kwargs)
-
-
-class Ablation(metaclass=_ByMode):
-    """Ablate ``heads`` during ``phase``: the base of the mode classes, and their factory.
-
-    ``Ablation(heads, mode, phase="decode", *, mean_z=, resample=, blocked_positions=,
-    model=)`` returns the mode's class (:class:`UniformAblation`, :class:`ZeroAblation`,
-    :class:`MeanAblation`, :class:`ResampleAblation`, :class:`KnockoutAblation`; ``mode`` is
-    one of :data:`MODES`), checking that exactly the mode's data is given: ``mean_z`` (mode
-    ``mean``), ``resample`` (mode ``resample``), ``blocked_positions`` (mode ``knockout``).
-    Or build the class directly, its data a constructor argument:
-    ``MeanAblation(heads, mean_z)``.
-
-    ``heads``: ``Head``s or labels (``"3.5"``, ``"L3H5"``, a comma-separated string);
-    duplicates are dropped. ``phase``: ``"decode"`` (hooks for ``step`` only) or ``"all"``.
-    Pass ``model=`` to range-check the heads and data against a model on construction (also
-    done whenever hooks are built).
-
-    Every ablation is an :class:`~retrieval_heads.intervention.Intervention`:
-    ``detect(model, trials, intervention=UniformAblation(heads))``. By hand::
-
-        abl = Ablation(heads, "uniform", model=model)
-        state = model.prefill(ids, fwd_hooks=abl.prefill_hooks(model))
-        hooks = abl.decode_hooks(model)  # build once per run
-        logits = model.step(state, token, fwd_hooks=hooks)
-    """
-
-    mode: ClassVar[str] = ""
-    #: Hooks that ignore the trial and treat every row of a batch alike (batches may run).
-    trial_independent: ClassVar[bool] = True
-    # The data of the other modes, None here (read by code written for one Ablation class).
-    mean_z: Tensor | None = None
-    resample: RecordedZ | None = None
-    blocked_positions: tuple[int, ...] | None = None
-
-    if TYPE_CHECKING:
-        # Ablation(...)'s signature for type checkers, which never read a metaclass's __call__.
-        def __new__(
-            cls,
-            heads: HeadLabels,
-            mode: Mode | str,
-            phase: Phase | str = "decode",
-            *,
-            mean_z: Tensor | None = None,
-            resample: RecordedZ | None = None,
-            blocked_positions: Iterable[int] | None = None,
-            model: HookedModel | None = None,
-        ) -> Ablation: ...
-
-    def _setup(self, heads: HeadLabels, phase: Phase, model: HookedModel | None) -> None:
-        """Each mode's ``__init__``, its data set: keep the heads and phase, check it all."""
-        _check_phase(phase)
-        self.heads: list[Head] = _parse(heads)
-        self.phase: Phase = phase
-        self._validate()
-        if model is not None:
-            self.check(model)
-
-    def _validate(self) -> None:
-        """Check the mode's data on construction (no model needed)."""
-
-    def _check_model(self, model: HookedModel) -> None:
-        """Check the mode's data against ``model``."""
-
-    def _payload(self) -> dict[str, Any]:
-        """The mode's data, as recorded by :meth:`describe`."""
-        return {}
-
-    def _layer_hooks(
-        self, model: HookedModel, layer: int, heads: list[int], idx: _Index, phase: str
-    ) -> Hooks:
-        raise NotImplementedError
-
-    def check(self, model: HookedModel) -> Ablation:
-        """Range-check the heads (and the mode's data) against ``model``; return self."""
-        for h in self.heads:
-            h.check(model.n_layers, model.n_heads)
-        self._check_model(model)
-        return self
-
-    # ---- the intervention protocol ----------------------------------------------------------
-
-    def prefill_hooks(self, model: HookedModel, trial: Any = None) -> Hooks:
-        """Hooks for ``model.prefill`` (empty in the decode phase). ``trial`` is not used."""
-        self.check(model)
-        return self._hooks(model, "prefill") if self.phase == "all" else []
-
-    def decode_hooks(self, model: HookedModel, trial: Any = None) -> Hooks:
-        """Hooks for ``model.step``. Build them once per run: ``resample`` counts the steps."""
-        self.check(model)
-        return self._hooks(model, "decode")
-
-    def describe(self) -> dict[str, Any]:
-        """``{"intervention": "ablation", "mode", "phase", "heads"}`` and the mode's data
-        (its shape or positions, not the tensors)."""
-        return {
-            "intervention": "ablation",
-            "mode": self.mode,
-            "phase": self.phase,
-            "heads": [h.dotted for h in self.heads],
-            **self._payload(),
-        }
-
-    def _hooks(self, model: HookedModel, phase: str) -> Hooks:
-        hooks: Hooks = []
-        for layer, hs in _by_layer(self.heads).items():
-            hooks.extend(self._layer_hooks(model, layer, hs, _Index(hs), phase))
-        return hooks
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({_labels(self.heads)!r}, phase={self.phase!r})"
 
 
 class UniformAblation(Ablation):
@@ -305,34 +162,19 @@ class MeanAblation(Ablation):
         self._setup(heads, phase, model)
 
     def _validate(self) -> None:
-        self._check_mean_z(None)
+        check_mean_z(self.mean_z, self.heads)
 
     def _check_model(self, model: HookedModel) -> None:
-        self._check_mean_z(model)
+        check_mean_z(self.mean_z, self.heads, model)
 
-    def _check_mean_z(self, model: HookedModel | None) -> None:
-        mean_z = self.mean_z
-        if not isinstance(mean_z, Tensor) or mean_z.ndim != 3:
-            raise ValueError(
-                f"mean_z must be a [n_layers, n_heads, d_head] tensor, got "
-                f"{tuple(mean_z.shape) if isinstance(mean_z, Tensor) else type(mean_z).__name__}"
-            )
-        if model is not None:
-            want = (model.n_layers, model.n_heads, model.d_head)
-            if tuple(mean_z.shape) != want:
-                raise ValueError(f"mean_z has shape {tuple(mean_z.shape)}, the model needs {want}")
-        for h in self.heads:
-            h.check(mean_z.shape[0], mean_z.shape[1])
-        if self.heads:
-            layers = torch.tensor([h.layer for h in self.heads])
-            heads = torch.tensor([h.head for h in self.heads])
-            bad = ~torch.isfinite(mean_z.detach().cpu()[layers, heads]).all(dim=-1)
-            if bad.any():
-                missing = [h for h, b in zip(self.heads, bad.tolist(), strict=True) if b]
-                raise ValueError(
-                    f"mean_z is not finite for heads {_labels(missing)}: compute it for them "
-                    "(mean_head_z(..., heads=...))"
-                )
+    def _stack(self, parts: list[Ablation]) -> Ablation | None:
+        mine = self.mean_z
+        assert mine is not None
+        same = (
+            p.mean_z is mine or (p.mean_z is not None and torch.equal(p.mean_z, mine))
+            for p in parts
+        )
+        return self if all(same) else None
 
     def _payload(self) -> dict[str, Any]:
         assert self.mean_z is not None
@@ -346,10 +188,11 @@ class MeanAblation(Ablation):
 class ResampleAblation(Ablation):
     """Replace the heads' ``z`` by their ``z`` on another trial, ``resample`` (a
     :class:`RecordedZ` from :func:`record_z`): step by step when decoding, position by
-    position in the prompt (phase ``"all"``, equal prompt lengths)."""
+    position in the prompt (phase ``"all"``, equal prompt lengths). A recording of one sequence
+    replays it on every row of a batch; one of ``n`` sequences replays row ``i`` on row ``i``
+    (:meth:`RecordedZ.stack`)."""
 
     mode: ClassVar[str] = "resample"
-    trial_independent: ClassVar[bool] = False  # its hooks are built for one trial
 
     def __init__(
         self,
@@ -364,33 +207,35 @@ class ResampleAblation(Ablation):
         self.resample = resample
         self._setup(heads, phase, model)
 
+    @property
+    def trial_independent(self) -> bool:
+        """A recording of one sequence is replayed on every row alike."""
+        assert self.resample is not None
+        return self.resample.batch == 1
+
     def _validate(self) -> None:
         rec = self.resample
         if not isinstance(rec, RecordedZ):
             raise ValueError(f"resample= must be a RecordedZ, got {type(rec).__name__}")
-        missing = [h for h in self.heads if h not in set(rec.heads)]
-        if missing:
-            raise ValueError(f"the resample recording lacks heads {_labels(missing)}")
-        layers = {h.layer for h in self.heads}
-        if layers and not layers <= set(rec.decode):
-            raise ValueError(
-                "the resample recording has no decode steps: record_z(..., n_steps=N) with N at "
-                "least the number of steps you will decode"
-            )
-        if self.phase == "all" and layers and not layers <= set(rec.prefill):
-            raise ValueError(
-                "phase='all' replays the prompt too: record it with record_z(..., phase='all')"
-            )
+        rec.check(self.heads, self.phase)
 
     def _check_model(self, model: HookedModel) -> None:
         assert self.resample is not None
-        for store in (self.resample.prefill, self.resample.decode):
-            for z in store.values():
-                if z.shape[-1] != model.d_head:
-                    raise ValueError(
-                        f"the resample recording has d_head {z.shape[-1]}, the model "
-                        f"{model.d_head}: it was recorded on another model"
-                    )
+        self.resample.check(self.heads, self.phase, model.d_head)
+
+    def _stack(self, parts: list[Ablation]) -> Ablation | None:
+        """The parts' recordings stacked (each of one sequence); a decode-phase replay drops
+        their prompts, which it never reads."""
+        recs = [p.resample for p in parts if p.resample is not None and p.resample.batch == 1]
+        if len(recs) < len(parts):
+            return None  # a part that replays several sequences is no one trial's
+        if self.phase == "decode":
+            recs = [dataclasses.replace(rec, prefill={}) for rec in recs]
+        try:
+            stacked = RecordedZ.stack(recs)
+        except ValueError:  # other heads recorded, prompts of other lengths: one by one
+            return None
+        return ResampleAblation(self.heads, stacked, phase=self.phase)
 
     def _payload(self) -> dict[str, Any]:
         assert self.resample is not None
@@ -412,40 +257,68 @@ class ResampleAblation(Ablation):
 
 class KnockoutAblation(Ablation):
     """Block the heads' attention to ``blocked_positions`` (absolute key positions, e.g. the
-    needle span): ``-inf`` at ``hook_attn_scores``, the softmax renormalises over the rest."""
+    needle span): ``-inf`` at ``hook_attn_scores``, the softmax renormalises over the rest.
+    Or, with ``rows`` instead, batch row ``i`` blocks ``rows[i]`` (:meth:`stack`'s form;
+    ``blocked_positions`` is then every position some row blocks)."""
 
     mode: ClassVar[str] = "knockout"
-    trial_independent: ClassVar[bool] = False  # its hooks are built for one trial
+    rows: tuple[tuple[int, ...], ...] | None = None
 
     def __init__(
         self,
         heads: HeadLabels,
         blocked_positions: Iterable[int] | None = None,
         *,
+        rows: Sequence[Iterable[int]] | None = None,
         phase: Phase = "decode",
         model: HookedModel | None = None,
     ) -> None:
-        if blocked_positions is None:
+        if (blocked_positions is None) == (rows is None):
             raise ValueError(
-                f"KnockoutAblation needs blocked_positions: {_HINTS['blocked_positions']}"
+                "KnockoutAblation needs blocked_positions (or rows, one list per batch row): "
+                + _HINTS["blocked_positions"]
             )
-        positions = sorted({int(p) for p in blocked_positions})
-        if not positions:
-            raise ValueError("blocked_positions is empty: give the key positions to block")
-        if positions[0] < 0:
-            raise ValueError(f"blocked_positions must be >= 0, got {positions[0]}")
-        self.blocked_positions = tuple(positions)
+        per_row = [_positions(row) for row in rows] if rows is not None else []
+        if len(per_row) > 1:
+            self.rows = tuple(per_row)
+        self.blocked_positions = _positions(
+            blocked_positions if blocked_positions is not None else [p for r in per_row for p in r]
+        )
         self._setup(heads, phase, model)
 
+    @property
+    def trial_independent(self) -> bool:
+        """One set of positions is blocked on every row alike."""
+        return self.rows is None
+
+    def _stack(self, parts: list[Ablation]) -> Ablation | None:
+        if any(getattr(p, "rows", None) is not None for p in parts):
+            return None  # each part must block one trial's positions
+        if all(p.blocked_positions == self.blocked_positions for p in parts):
+            return self
+        rows = [p.blocked_positions or () for p in parts]
+        return KnockoutAblation(self.heads, rows=rows, phase=self.phase)
+
     def _payload(self) -> dict[str, Any]:
-        return {"blocked_positions": list(self.blocked_positions or ())}
+        rows = {"rows": [list(r) for r in self.rows]} if self.rows is not None else {}
+        return {"blocked_positions": list(self.blocked_positions or ()), **rows}
 
     def _layer_hooks(self, model, layer, heads, idx, phase) -> Hooks:
-        blocked = torch.tensor(self.blocked_positions, dtype=torch.long)
+        blocked = _blocked_mask(self.rows or [self.blocked_positions or ()])
         return [
             (model.hook_name(layer, "attn_scores"), _knockout_hook(model, idx, blocked)),
             (model.hook_name(layer, "pattern"), _empty_rows_hook(idx)),
         ]
+
+
+def _positions(positions: Iterable[int]) -> tuple[int, ...]:
+    """Blocked key positions, checked (some, none negative), deduplicated and sorted."""
+    out = sorted({int(p) for p in positions})
+    if not out:
+        raise ValueError("blocked_positions is empty: give the key positions to block")
+    if out[0] < 0:
+        raise ValueError(f"blocked_positions must be >= 0, got {out[0]}")
+    return tuple(out)
 
 
 #: The class of each mode.

@@ -8,11 +8,13 @@ records equal :func:`~retrieval_heads.scoring.score_trial`'s, trial by trial: th
 generated tokens, copy events and retrieval scores, the attention-mass tables within float
 rounding (a batched matrix product may add in another order).
 
-Hooks given here act on the whole batch, so they must treat every row alike and not depend on
-the trial (an ablation of fixed heads, a KV window); an intervention that is built per trial
-(resample, knockout) runs trial by trial. :func:`auto_batch_size` picks a batch size: 1 on a
-CPU, where a trial is bound by its prefill (measured: docs/benchmarks.md), else from the memory
-a trial of that length needs and the device's memory.
+Hooks given here act on the whole batch: they must treat every row alike (an ablation of fixed
+heads, a KV window), or each row as its own trial (interventions built per trial, stacked into
+one whose row ``i`` acts as trial ``i``'s: a resample of each trial's source, a knockout of each
+trial's needle; :func:`~retrieval_heads.intervention.stack_interventions`). Rows never mix, so
+the steps a batch runs on a row after it has stopped change no other row. :func:`auto_batch_size`
+picks a batch size: 1 on a CPU, where a trial is bound by its prefill (measured:
+docs/benchmarks.md), else from the memory a trial of that length needs and the device's memory.
 """
 
 from __future__ import annotations

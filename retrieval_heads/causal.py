@@ -64,10 +64,12 @@ from torch import Tensor
 from retrieval_heads import ablation_hooks as per_trial_hooks
 from retrieval_heads import analysis, answering, patching, selection
 from retrieval_heads.ablation_hooks import (
+    TrialAblations,
     _check_mode,
     _Recordings,
     ablation_hooks,
     resample_sources,
+    trial_ablations,
 )
 from retrieval_heads.answering import TASKS, _run_trial, answer_trial
 from retrieval_heads.batched import score_batch, unit_batch_size
@@ -273,9 +275,11 @@ def _execute(
 ) -> list[TrialRecord]:
     """Plan every (condition, trial) unit, condition-major, and run them with the runner.
 
-    ``batch_size`` (``None``: from the device's memory): NIAH trials of one condition and length run
-    together when the mode's hooks ignore the trial (uniform, zero, mean; resample and
-    knockout, and fact and chain trials, run one by one); the records do not change."""
+    ``batch_size`` (``None``: from the device's memory): NIAH trials of one condition and length
+    run together, under their per-trial ablations stacked into one (row ``i`` as trial ``i``:
+    :meth:`~retrieval_heads.ablation_hooks.TrialAblations.stacked`; every mode); fact and chain
+    trials, and a batch whose ablations cannot be stacked, run one by one. The records do not
+    change."""
     # What would fail on the first trial fails here, before a results directory is made: a
     # directory made for a run that cannot run would refuse the corrected rerun.
     check_lengths(model, trials)
@@ -288,12 +292,12 @@ def _execute(
     common: dict[str, Any] = dict(
         mode=mode, phase=phase, config=config, tag=tag, extra_params=extra
     )
-    built: dict[int, tuple[HooksFor | None, Callable[[Trial], dict[str, Any]]]] = {}
+    built: dict[int, TrialAblations | None] = {}
 
-    def run_unit(unit: Unit) -> TrialRecord:
+    def ablations(unit: Unit) -> TrialAblations | None:
         position, condition = unit.condition
-        if position not in built:  # a condition's hooks, built when its first unit runs
-            built[position] = ablation_hooks(
+        if position not in built:  # a condition's ablations, set up when its first unit runs
+            built[position] = trial_ablations(
                 model,
                 condition.heads,
                 mode,
@@ -303,23 +307,32 @@ def _execute(
                 config=config,
                 _recordings=recordings,
             )
-        hooks, extras = built[position]
-        return _run_one(model, unit.item, condition, hooks=hooks, extras=extras, **common)
+        return built[position]
+
+    def hooks_of(per_trial: TrialAblations | None) -> tuple[HooksFor | None, Callable]:
+        return (per_trial.hooks, per_trial.extras) if per_trial else (None, _no_extras)
+
+    def run_unit(unit: Unit) -> TrialRecord:
+        hooks, extras = hooks_of(ablations(unit))
+        return _run_one(model, unit.item, unit.condition[1], hooks=hooks, extras=extras, **common)
 
     def batchable(unit: Unit) -> bool:
         _, condition = unit.condition
         return _task(unit.item) == "niah" and (not condition.heads or mode in BATCHABLE_MODES)
 
     def run_batch(batch: list[Unit]) -> list[TrialRecord]:  # the runner runs a lone unit itself
-        position, condition = batch[0].condition
-        hooks, extras = ablation_hooks(
-            model, condition.heads, mode, phase=phase, trials=trials, mean_z=mean_z, config=config
-        )
-        prefill, decode = hooks(batch[0].item) if hooks else ([], [])  # the same for all
+        per_trial, condition = ablations(batch[0]), batch[0].condition[1]
         batch_trials = [u.item for u in batch]
+        stacked = per_trial.stacked(batch_trials) if per_trial else None
+        if per_trial and stacked is None:  # ablations that cannot share a batch
+            return [run_unit(unit) for unit in batch]
+        prefill, decode = (
+            (stacked.prefill_hooks(model), stacked.decode_hooks(model)) if stacked else ([], [])
+        )
         scored = score_batch(
             model, batch_trials, config, prefill_hooks=prefill, decode_hooks=decode
         )
+        hooks, extras = hooks_of(per_trial)
         return [
             _run_trial(model, trial, condition, hooks=hooks, extras=extras, scored=record, **common)
             for trial, record in zip(batch_trials, scored, strict=True)
@@ -349,8 +362,14 @@ def _execute(
     )
 
 
-# The modes whose hooks ignore the trial and treat every row alike: they may run in batches.
-BATCHABLE_MODES = ("uniform", "zero", "mean")
+# The modes whose NIAH trials may run in batches: all of them (per-trial ablations are stacked,
+# TrialAblations.stacked).
+BATCHABLE_MODES = ("uniform", "zero", "mean", "resample", "knockout")
+
+
+def _no_extras(trial: Trial) -> dict[str, Any]:
+    """A condition that ablates no head adds no params."""
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,20 +181,38 @@ def _replay_decode_hook(model: HookedModel, idx: _Index, source: Tensor):
     return hook
 
 
-def _knockout_hook(model: HookedModel, idx: _Index, blocked: Tensor):
-    def hook(scores: Tensor, hook: Any) -> Tensor | None:
-        n_keys = scores.shape[-1]
-        cols = blocked - first_key(model, scores)  # absolute positions -> this row's keys
-        cols = cols[(cols >= 0) & (cols < n_keys)].to(scores.device)
-        if cols.numel() == 0:
+def _blocked_mask(rows: Sequence[Sequence[int]]) -> Bool[Tensor, "row position"]:
+    """``True`` at each row's blocked absolute positions (columns ``0 .. max position``)."""
+    width = 1 + max((max(row) for row in rows if row), default=-1)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        mask[r, list(row)] = True
+    return mask
+
+
+def _knockout_hook(model: HookedModel, idx: _Index, blocked: Bool[Tensor, "row position"]):
+    """Block key positions: batch row ``r`` the positions ``blocked[r]`` marks, every row the
+    same ones when ``blocked`` has one row (see :func:`_blocked_mask`)."""
+
+    def hook(scores: Float[Tensor, "batch head query key"], hook: Any) -> Tensor | None:
+        if blocked.shape[0] not in (1, scores.shape[0]):
+            raise ValueError(
+                f"the knockout blocks positions for {blocked.shape[0]} rows, the run has "
+                f"{scores.shape[0]}: give one row of positions (every row) or one per row"
+            )
+        n_keys, start = scores.shape[-1], first_key(model, scores)  # key j: position start + j
+        seen = blocked[:, start : start + n_keys]  # [row, visible blocked keys]
+        if not seen.any():
             return None
+        mask = torch.zeros(blocked.shape[0], n_keys, dtype=torch.bool)
+        mask[:, : seen.shape[1]] = seen
         heads = idx.on(scores.device)
         sub = scores.index_select(1, heads)  # [batch, k, query, key]
         # The causal mask is finfo.min, not -inf: make it -inf so a row whose visible keys are
         # all blocked is all -inf (NaN after softmax, zeroed by _empty_rows_hook) instead of
         # spreading its attention over future keys.
         sub = sub.masked_fill(sub <= torch.finfo(sub.dtype).min / 2, -math.inf)
-        sub[..., cols] = -math.inf
+        sub = sub.masked_fill(mask.to(sub.device)[:, None, None, :], -math.inf)
         return scores.index_copy(1, heads, sub)
 
     return hook

@@ -73,6 +73,93 @@ class RecordedZ:
         """Recorded decode steps."""
         return next(iter(self.decode.values())).shape[1] if self.decode else 0
 
+    @property
+    def batch(self) -> int:
+        """Recorded sequences (rows of the batch axis; 1 when nothing was recorded)."""
+        for store in (self.decode, self.prefill):
+            if store:
+                return next(iter(store.values())).shape[0]
+        return 1
+
+    def check(self, heads: Sequence[Head], phase: str, d_head: int | None = None) -> None:
+        """Raise ``ValueError`` unless this recording can replay ``heads`` in ``phase``
+        (``"decode"``: the decode steps; ``"all"``: the prompt too) on a model of ``d_head``."""
+        missing = [h for h in heads if h not in set(self.heads)]
+        if missing:
+            raise ValueError(f"the resample recording lacks heads {_labels(missing)}")
+        layers = {h.layer for h in heads}
+        if layers and not layers <= set(self.decode):
+            raise ValueError(
+                "the resample recording has no decode steps: record_z(..., n_steps=N) with N at "
+                "least the number of steps you will decode"
+            )
+        if phase == "all" and layers and not layers <= set(self.prefill):
+            raise ValueError(
+                "phase='all' replays the prompt too: record it with record_z(..., phase='all')"
+            )
+        if d_head is None:
+            return
+        for store in (self.prefill, self.decode):
+            for z in store.values():
+                if z.shape[-1] != d_head:
+                    raise ValueError(
+                        f"the resample recording has d_head {z.shape[-1]}, the model "
+                        f"{d_head}: it was recorded on another model"
+                    )
+
+    @classmethod
+    def stack(cls, recordings: Sequence[RecordedZ]) -> RecordedZ:
+        """The recordings as one, their rows one after another along the batch axis: what a
+        batch replays when its row ``i`` replays ``recordings[i]``.
+
+        They must record the same heads and phases, and prompts of one length. Their decode
+        steps may differ: the shorter ones are padded at the end with zeros, steps a batch
+        runs on a row only after that row has stopped (it steps until its last row stops;
+        rows never mix), so each row must stop within its own recording, as alone it would
+        have had to (the caller's check). ``tokens`` and ``logits`` are kept when every
+        recording has them, of one shape."""
+        recs = list(recordings)
+        if not recs:
+            raise ValueError("no recordings to stack")
+        first = recs[0]
+        for rec in recs[1:]:
+            if rec.heads != first.heads:
+                raise ValueError(
+                    f"recordings of other heads cannot be stacked: {_labels(first.heads)} "
+                    f"and {_labels(rec.heads)}"
+                )
+            if set(rec.prefill) != set(first.prefill) or set(rec.decode) != set(first.decode):
+                raise ValueError("recordings of other phases or layers cannot be stacked")
+            if rec.prompt_length != first.prompt_length:
+                raise ValueError(
+                    f"recordings of prompts of {first.prompt_length} and {rec.prompt_length} "
+                    "tokens cannot be stacked: a batch replays prompts of one length"
+                )
+        steps = max(rec.n_steps for rec in recs)
+
+        def padded(z: Float[Tensor, "b steps k d"]) -> Tensor:
+            return torch.cat([z, z.new_zeros(z.shape[0], steps - z.shape[1], *z.shape[2:])], 1)
+
+        def joined(values: list[Tensor | None]) -> Tensor | None:
+            kept = [v for v in values if v is not None]
+            if len(kept) < len(values) or len({tuple(v.shape[1:]) for v in kept}) != 1:
+                return None
+            return torch.cat(kept)
+
+        try:
+            prefill = {
+                layer: torch.cat([r.prefill[layer] for r in recs]) for layer in first.prefill
+            }
+            decode = {
+                layer: torch.cat([padded(r.decode[layer]) for r in recs]) for layer in first.decode
+            }
+        except RuntimeError as err:  # another d_head: recorded on another model
+            raise ValueError(f"the recordings' z do not stack ({err})") from None
+        tokens = joined([r.tokens for r in recs])
+        return RecordedZ(
+            list(first.heads), prefill, decode, tokens, joined([r.logits for r in recs])
+        )
+
     def z(self, head: Head | str, phase: Literal["prefill", "decode"] = "decode") -> Tensor:
         """One head's recorded ``z``: ``[batch, positions or steps, d_head]``."""
         head = Head.parse(head)
@@ -248,3 +335,29 @@ def mean_head_z(
         keep[h.layer, h.head] = True
     mean[~keep] = math.nan
     return mean.to(model.device)
+
+
+def check_mean_z(mean_z: Any, heads: Sequence[Head], model: HookedModel | None = None) -> None:
+    """Raise ``ValueError`` unless ``mean_z`` is a ``[n_layers, n_heads, d_head]`` tensor (of
+    ``model``'s shape, when given) that is finite for every one of ``heads``."""
+    if not isinstance(mean_z, Tensor) or mean_z.ndim != 3:
+        raise ValueError(
+            f"mean_z must be a [n_layers, n_heads, d_head] tensor, got "
+            f"{tuple(mean_z.shape) if isinstance(mean_z, Tensor) else type(mean_z).__name__}"
+        )
+    if model is not None:
+        want = (model.n_layers, model.n_heads, model.d_head)
+        if tuple(mean_z.shape) != want:
+            raise ValueError(f"mean_z has shape {tuple(mean_z.shape)}, the model needs {want}")
+    for h in heads:
+        h.check(mean_z.shape[0], mean_z.shape[1])
+    if heads:
+        layers = torch.tensor([h.layer for h in heads])
+        index = torch.tensor([h.head for h in heads])
+        bad = ~torch.isfinite(mean_z.detach().cpu()[layers, index]).all(dim=-1)
+        if bad.any():
+            missing = [h for h, b in zip(heads, bad.tolist(), strict=True) if b]
+            raise ValueError(
+                f"mean_z is not finite for heads {_labels(missing)}: compute it for them "
+                "(mean_head_z(..., heads=...))"
+            )

@@ -17,9 +17,16 @@ the KV-window policy :class:`~retrieval_heads.kvcache.KVPolicy`. :class:`UserInt
 wraps hand-written hooks, and :func:`compose` runs several interventions together.
 
 An intervention may also say ``trial_independent = True``: its hooks do not depend on the trial
-and treat every row of a batch alike (an ablation of fixed heads, a KV window), so trials of
-one length may run in one batch with hooks built once (``trial=None``); without it, trials run
-one by one (:func:`is_trial_independent`).
+and treat every row of a batch alike (an ablation of fixed heads, a KV window, a resample of
+one recorded sequence), so trials of one length may run in one batch with hooks built once
+(``trial=None``); without it, trials run one by one (:func:`is_trial_independent`).
+
+Interventions built for one trial each (a resample of that trial's source, a knockout of its
+needle) may still share a batch: a class may offer ``stack(parts)`` (a classmethod), one
+intervention whose hooks, built once for the batch (``trial=None``), treat batch row ``i`` as
+``parts[i]`` treats its trial run alone, or ``None`` when these parts cannot share a batch.
+:func:`stack_interventions` asks for it, and says ``None`` (run them one by one) for parts of
+different classes or a class without ``stack``; identical trial-independent parts need none.
 
 Decode hooks keep the scorer on the TransformerLens bridge (the lean decode step runs no
 hooks); an intervention whose ``decode_hooks`` is empty leaves the lean step on.
@@ -36,7 +43,14 @@ if TYPE_CHECKING:
     from retrieval_heads.model import HookedModel
     from retrieval_heads.trials.trial import Trial
 
-__all__ = ["HookList", "Intervention", "UserIntervention", "compose", "is_trial_independent"]
+__all__ = [
+    "HookList",
+    "Intervention",
+    "UserIntervention",
+    "compose",
+    "is_trial_independent",
+    "stack_interventions",
+]
 
 HookList = list[tuple[str, Callable[..., Any]]]
 #: Static hooks, or a function ``(model, trial) -> hooks`` building them for each trial.
@@ -162,3 +176,20 @@ def is_trial_independent(intervention: Any) -> bool:
     """Whether ``intervention``'s hooks may be built once and run on a batch of trials
     (``None``, no intervention, may)."""
     return intervention is None or bool(getattr(intervention, "trial_independent", False))
+
+
+def stack_interventions(parts: Sequence[Any]) -> Any | None:
+    """One intervention whose hooks (built once, ``trial=None``) treat batch row ``i`` as
+    ``parts[i]`` treats its trial run alone, or ``None`` when the parts cannot share a batch
+    (run them one by one): parts of different classes, a class without ``stack``, or a
+    ``stack`` that refuses them (other heads, another phase; see the module docstring)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no interventions to stack")
+    first = parts[0]
+    if all(part is first for part in parts) and is_trial_independent(first):
+        return first
+    stack = getattr(type(first), "stack", None)
+    if not callable(stack) or any(type(part) is not type(first) for part in parts):
+        return None
+    return stack(parts)

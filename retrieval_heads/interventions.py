@@ -7,14 +7,16 @@ in four modules, one concept each, and is re-exported here:
   :class:`~retrieval_heads.intervention.Intervention` protocol (:class:`UniformAblation`,
   :class:`ZeroAblation`, :class:`MeanAblation`, :class:`ResampleAblation`,
   :class:`KnockoutAblation`), ``Ablation(heads, mode, ...)`` and :func:`ablate` building them
-  from the mode's name (:data:`MODES`), and :func:`check_uniform`;
+  from the mode's name (:data:`MODES`), and :func:`check_uniform` (the base class, with
+  ``trial_independent`` and ``Ablation.stack`` for batches, in
+  :mod:`retrieval_heads.ablation_base`);
 - :mod:`retrieval_heads.head_hooks` — the hooks they are made of (zeroing queries or ``z``,
   replacing ``z``, replaying a recorded run, blocking keys), :func:`window_hooks` and
   :func:`window_mask` (a sink + recent-window view of the cache, the KV-cache what-if's),
   :func:`kv_group`, :data:`PHASES`;
 - :mod:`retrieval_heads.head_z` — recording heads' ``z`` (:class:`ZRecorder`,
-  :class:`RecordedZ`, :func:`record_z`: a ``resample`` ablation's source) and
-  :func:`mean_head_z` (a ``mean`` ablation's data);
+  :class:`RecordedZ` and ``RecordedZ.stack``, :func:`record_z`: a ``resample`` ablation's
+  source) and :func:`mean_head_z` (a ``mean`` ablation's data);
 - :mod:`retrieval_heads.head_patching` — activation patching per head (:func:`patch_heads`,
   :func:`patched_logits`, :class:`PatchedLogits`; several pairs of one length at once:
   :func:`patch_heads_batch`, :func:`patched_logits_batch`).

@@ -332,9 +332,10 @@ def detect(
     ``batch_size``: trials of one length scored together
     (:func:`~retrieval_heads.batched.score_batch`; the same records, masses within float
     rounding); ``None`` picks it from the device's memory
-    (:func:`~retrieval_heads.batched.auto_batch_size`). With ``hooks``, or an intervention
-    whose hooks depend on the trial (not ``trial_independent``: resample, knockout), trials
-    run one at a time.
+    (:func:`~retrieval_heads.batched.auto_batch_size`), the intervention's hooks built once
+    per batch. With ``hooks``, or an intervention whose hooks differ by trial or by row (not
+    ``trial_independent``: a resample of a recording of several sequences, say), trials run
+    one at a time.
 
     ``scorers``: other detectors to run on every trial beside the copy score and its
     attention-mass variants, each a ``[layer][head]`` table in the record's ``scores``

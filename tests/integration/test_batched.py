@@ -18,6 +18,7 @@ import torch
 
 from retrieval_heads import runner
 from retrieval_heads.batched import auto_batch_size, memory_batch_size, score_batch, trial_bytes
+from retrieval_heads.interventions import RecordedZ
 from retrieval_heads.scoring import DecodeConfig, detect, score_trial
 from retrieval_heads.store import load_records
 
@@ -189,7 +190,7 @@ def test_trial_independent_interventions_run_in_batches(
     tiny_model, tiny_trials, tmp_path, monkeypatch
 ):
     from retrieval_heads import batched
-    from retrieval_heads.interventions import ResampleAblation, UniformAblation
+    from retrieval_heads.interventions import KnockoutAblation, ResampleAblation, UniformAblation
     from retrieval_heads.kvcache import KVPolicy
 
     sizes = []
@@ -200,9 +201,16 @@ def test_trial_independent_interventions_run_in_batches(
         return original(model, trials, *args, **kwargs)
 
     monkeypatch.setattr(batched, "score_batch", counted)
-    uniform = UniformAblation(["2.0", "2.1", "2.4"])
+    heads = ["2.0", "2.1", "2.4"]
+    uniform = UniformAblation(heads)
     window = KVPolicy(frozenset({(2, 0)}), sink=4, window=16)
-    for name, intervention in (("uniform", uniform), ("window", window)):
+    # one recorded sequence replayed on every row; one set of positions blocked on every row
+    recorded = _recorded(tiny_model, tiny_trials[1])
+    resample = ResampleAblation(heads, resample=recorded, model=tiny_model)
+    knockout = KnockoutAblation(heads, range(*tiny_trials[0].target.span))
+    assert resample.trial_independent and knockout.trial_independent
+    interventions = {"uniform": uniform, "window": window, "resample": resample, "knock": knockout}
+    for name, intervention in interventions.items():
         one = detect(tiny_model, tiny_trials, out=tmp_path / f"{name}1", intervention=intervention)
         sizes.clear()
         four = detect(
@@ -216,12 +224,13 @@ def test_trial_independent_interventions_run_in_batches(
         assert sizes == [4, 2, 4, 2], name  # two lengths of 6 trials each
         assert _comparable(tmp_path / f"{name}4") == _comparable(tmp_path / f"{name}1"), name
         assert (four.values == one.values).all()
-    # a resample replays another trial per trial: its trials run one by one
+    assert _comparable(tmp_path / "resample1") != _comparable(tmp_path / "uniform1")  # it acts
+    # a recording of two sequences replays one per row: its trials run one at a time
     sizes.clear()
-    resample = ResampleAblation(
-        ["2.0"], resample=_recorded(tiny_model, tiny_trials[1]), model=tiny_model
-    )
-    detect(tiny_model, tiny_trials[:2], intervention=resample, batch_size=4, require_pass=False)
+    two = ResampleAblation(heads, resample=RecordedZ.stack([recorded, recorded]))
+    assert not two.trial_independent
+    with pytest.raises(ValueError, match="the resample recording has batch 2, the run 1"):
+        detect(tiny_model, tiny_trials[:2], intervention=two, batch_size=4, require_pass=False)
     assert sizes == []
 
 
@@ -248,17 +257,48 @@ def test_kv_sim_in_batches_writes_what_batch_1_writes(tiny_model, tiny_trials, t
     assert _comparable(tmp_path / "four") == _comparable(tmp_path / "one")
 
 
-@pytest.mark.parametrize("mode", ["uniform", "mean", "resample"])
-def test_k_sweep_in_batches_writes_what_batch_1_writes(tiny_model, tiny_trials, tmp_path, mode):
-    from retrieval_heads.causal import k_sweep
+@pytest.mark.parametrize(
+    "mode, phase",
+    [
+        ("uniform", "decode"),
+        ("mean", "decode"),
+        ("resample", "decode"),
+        ("resample", "all"),
+        ("knockout", "decode"),
+        ("knockout", "all"),
+    ],
+)
+def test_k_sweep_in_batches_writes_what_batch_1_writes(
+    tiny_model, tiny_trials, tmp_path, monkeypatch, mode, phase
+):
+    """Every mode batches, resample and knockout too (their per-trial ablations stacked): the
+    ablated conditions run in batches of 4 and 2 with hooks, and write batch 1's records."""
+    from retrieval_heads import causal
     from retrieval_heads.scores import HeadScores
 
     scores = HeadScores.load(_detection(tiny_model, tiny_trials, tmp_path) / "head_scores.json")
-    kwargs = dict(ks=[0, 3], draws=1, mode=mode, n_reference=2, include_matched=False)
+    kwargs = dict(ks=[0, 3], draws=1, mode=mode, phase=phase, n_reference=2, include_matched=False)
     trials = tiny_trials[:6]  # one length
-    k_sweep(tiny_model, trials, scores, out=tmp_path / f"{mode}1", **kwargs)
-    k_sweep(tiny_model, trials, scores, out=tmp_path / f"{mode}4", batch_size=4, **kwargs)
+    causal.k_sweep(tiny_model, trials, scores, out=tmp_path / f"{mode}1", **kwargs)
+    batches = spy_batches(monkeypatch, causal)
+    causal.k_sweep(tiny_model, trials, scores, out=tmp_path / f"{mode}4", batch_size=4, **kwargs)
+    # K=0 (no hooks), then top-3 and random-3, each 6 trials in batches of 4 and 2
+    assert batches == [(4, False), (2, False), *[(4, True), (2, True)] * 2]
     assert _comparable(tmp_path / f"{mode}4") == _comparable(tmp_path / f"{mode}1")
+
+
+def spy_batches(monkeypatch, module):
+    """Replace ``module.score_batch`` by one that notes each batch: ``(size, hooked)``."""
+    original = module.score_batch
+    batches = []
+
+    def spied(model, trials, *args, **kwargs):
+        hooked = bool(kwargs.get("decode_hooks") or kwargs.get("prefill_hooks"))
+        batches.append((len(trials), hooked))
+        return original(model, trials, *args, **kwargs)
+
+    monkeypatch.setattr(module, "score_batch", spied)
+    return batches
 
 
 def _detection(model, trials, tmp_path):
