@@ -87,6 +87,7 @@ def run_batch_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
         score_batch(model, trials[:2], DecodeConfig(max_new_tokens=2))  # warm-up
         roofline = prefill_roofline(model, trials[0], args.device)
+        roofline.update(linear_rows_cap(model, args.device))
         log(
             f"  prefill: {roofline['prefill_gflops']:.0f} GFLOP/s against a "
             f"{roofline['peak_gflops']:.0f} GFLOP/s matrix-multiply peak"
@@ -158,6 +159,14 @@ def render_batch_sweep(data: dict[str, Any]) -> str:
             f"| {r['peak_extra_bytes'] / 2**20:.0f} | {'yes' if r['same_records'] else '**no**'} |"
         )
     roof = data.get("roofline")
+    if roof and "linear_1_ms" in roof:
+        lines += [
+            "",
+            f"**Linear layers by rows**: every layer's projections and MLP, run on one row took "
+            f"{roof['linear_1_ms']:.1f} ms and on 8 rows {roof['linear_8_ms']:.1f} ms (fastest "
+            f"of 5): the linear layers alone cap batch 8's decode speed-up at "
+            f"{roof['linear_cap_8']:.1f}×, before each row's attention over its own cache.",
+        ]
     if roof:
         lines += [
             "",
@@ -166,10 +175,10 @@ def render_batch_sweep(data: dict[str, Any]) -> str:
             f"{roof['linear_gflop']:.0f}, causal attention {roof['attention_gflop']:.0f}): "
             f"{roof['prefill_gflops']:.0f} GFLOP/s, {roof['share']:.0%} of the "
             f"{roof['peak_gflops']:.0f} GFLOP/s one float32 matrix multiply of the MLP's shape "
-            f"reaches here ({roof['peak_shape']}). A whole trial here is "
-            f"{rows[1]['tn_s'] - rows[1]['decode_s']:.0f} s of prefill in "
-            f"{rows[1]['tn_s']:.0f} s at batch 1, and a batch does the same prefill "
-            "arithmetic, so no batch size can make a detection much faster than that share.",
+            f"reaches here ({roof['peak_shape']}). At batch 1 the {data['n_trials']} trials "
+            f"spent {rows[1]['tn_s'] - rows[1]['decode_s']:.0f} s of their "
+            f"{rows[1]['tn_s']:.0f} s in prefill; a batch does the same prefill arithmetic, so "
+            "no batch size can cut a detection by more than the rest.",
         ]
     if 8 in rows:
         speedup = rows[8]["decode_tokens_per_s"] / base
@@ -198,11 +207,13 @@ def prefill_roofline(model: Any, trial: Any, device: str) -> dict[str, Any]:
         bench._sync(device)
         best = min(best, time.perf_counter() - began)
     tokens = ids.shape[1]
-    head = model.hf_model.get_output_embeddings()
-    linear = sum(  # every layer's projections and MLP (the head runs on the last token only)
+    # every layer's projections and MLP; not the head, which runs on the last token only (the
+    # bridge wraps it, so it is known by its weight)
+    head = model.hf_model.get_output_embeddings().weight.data_ptr()
+    linear = sum(
         m.weight.numel()
         for m in model.hf_model.modules()
-        if isinstance(m, torch.nn.Linear) and m is not head
+        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != head
     )
     linear_flop = 2 * linear * tokens
     attention_flop = 2 * 2 * model.n_layers * model.n_heads * model.d_head * tokens**2 / 2
@@ -229,4 +240,37 @@ def prefill_roofline(model: Any, trial: Any, device: str) -> dict[str, Any]:
         "peak_gflops": peak_gflops,
         "peak_shape": f"[{tokens}, {d_model}] @ [{d_model}, {d_mlp}]",
         "share": gflop / best / peak_gflops,
+    }
+
+
+def linear_rows_cap(model: Any, device: str) -> dict[str, float]:
+    """Every linear map of the layers (not the head) on 1 row and on 8 (fastest of 5 each): a
+    decode step reads the same weights for any batch, so how much 8 rows cost over 1 caps what
+    a batch of 8 can gain."""
+    import bench
+    import torch
+
+    head = model.hf_model.get_output_embeddings().weight.data_ptr()
+    maps = [
+        m
+        for m in model.hf_model.modules()
+        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != head
+    ]
+    times = {}
+    with torch.no_grad():
+        for rows in (1, 8):
+            inputs = [torch.randn(rows, m.in_features, device=model.device) for m in maps]
+            best = float("inf")
+            for _ in range(5):
+                bench._sync(device)
+                began = time.perf_counter()
+                for m, x in zip(maps, inputs, strict=True):
+                    m(x)
+                bench._sync(device)
+                best = min(best, time.perf_counter() - began)
+            times[rows] = best
+    return {
+        "linear_1_ms": times[1] * 1000,
+        "linear_8_ms": times[8] * 1000,
+        "linear_cap_8": 8 * times[1] / times[8],
     }

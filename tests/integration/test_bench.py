@@ -114,11 +114,15 @@ def test_batch_sweep_table_and_verdict_follow_the_numbers():
             "peak_gflops": 100.0,
             "peak_shape": "[1000, 4] @ [4, 8]",
             "share": 0.9,
+            "linear_1_ms": 20.0,
+            "linear_8_ms": 40.0,
+            "linear_cap_8": 4.0,
         },
     }
     text = bench_batch.render_batch_sweep(data)
     assert "90 GFLOP/s, 90% of the 100 GFLOP/s" in text
-    assert "is 9 s of prefill in 10 s at batch 1" in text
+    assert "the 16 trials spent 9 s of their 10 s in prefill" in text
+    assert "20.0 ms and on 8 rows 40.0 ms" in text and "at 4.0×" in text
     assert "| 8 | 12.800 | 204.8 | 45.0 | 4.50 | 8 | **no** |" in text
     assert "**met** (4.50×)" in text
     data["results"][2] = row(8, 20.0)
