@@ -81,11 +81,10 @@ def score_batch(
     n, pos = ids.shape
     spans = [t.answer_span for t in trials]
     stats = _BatchStepStats(model.n_layers, model.n_heads, spans, pos - 1)
-    steps = [0] * n  # the steps each trial ran, its stop token's included
     budgets = [config.budget(t, model) for t in trials]
     generated: list[list[int]] = [[] for _ in trials]
     stopped_by = ["max_new_tokens"] * n
-    running = list(range(n))  # the rows whose rows of attention still count
+    running = list(range(n))  # the rows still decoding (all are computed; these steps count)
     decode_hooks = list(decode_hooks)
     if lean is None:
         lean = not decode_hooks and model.lean_decode
@@ -111,8 +110,6 @@ def score_batch(
     token = ids[:, -1]  # [batch]: the last prompt token is the first decode step
     while running:
         stats.new_step(device)
-        for b in running:
-            steps[b] += 1
         if lean:
             logits = model.step_rows(state, token, stats.add)
         else:
@@ -129,10 +126,15 @@ def score_batch(
                 still.append(b)
         running[:] = still
     share = (time.perf_counter() - began) / n
-    return [
-        trial_record(model, t, stats.trial(b, steps[b]), generated[b], stopped_by[b], config, share)
-        for b, t in enumerate(trials)
-    ]
+    records = []
+    for b, trial in enumerate(trials):
+        # the steps trial b ran: one per token it kept, and the one whose stop token it dropped
+        steps = len(generated[b]) + (stopped_by[b] == "stop")
+        stats_b = stats.trial(b, steps)
+        records.append(
+            trial_record(model, trial, stats_b, generated[b], stopped_by[b], config, share)
+        )
+    return records
 
 
 def trial_bytes(model: HookedModel, length: int) -> int:
