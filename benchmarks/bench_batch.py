@@ -207,14 +207,7 @@ def prefill_roofline(model: Any, trial: Any, device: str) -> dict[str, Any]:
         bench._sync(device)
         best = min(best, time.perf_counter() - began)
     tokens = ids.shape[1]
-    # every layer's projections and MLP; not the head, which runs on the last token only (the
-    # bridge wraps it, so it is known by its weight)
-    head = model.hf_model.get_output_embeddings().weight.data_ptr()
-    linear = sum(
-        m.weight.numel()
-        for m in model.hf_model.modules()
-        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != head
-    )
+    linear = sum(m.weight.numel() for m in _layer_linears(model))
     linear_flop = 2 * linear * tokens
     attention_flop = 2 * 2 * model.n_layers * model.n_heads * model.d_head * tokens**2 / 2
     config = model.hf_model.config
@@ -250,12 +243,7 @@ def linear_rows_cap(model: Any, device: str) -> dict[str, float]:
     import bench
     import torch
 
-    head = model.hf_model.get_output_embeddings().weight.data_ptr()
-    maps = [
-        m
-        for m in model.hf_model.modules()
-        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != head
-    ]
+    maps = _layer_linears(model)
     times = {}
     with torch.no_grad():
         for rows in (1, 8):
@@ -274,3 +262,16 @@ def linear_rows_cap(model: Any, device: str) -> dict[str, float]:
         "linear_8_ms": times[8] * 1000,
         "linear_cap_8": 8 * times[1] / times[8],
     }
+
+
+def _layer_linears(model: Any) -> list[Any]:
+    """Every layer's projections and MLP: the model's linear maps but the head, which runs on
+    the last token only (the bridge wraps it, so it is known by its weight)."""
+    import torch
+
+    head = model.hf_model.get_output_embeddings().weight.data_ptr()
+    return [
+        m
+        for m in model.hf_model.modules()
+        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() != head
+    ]
