@@ -116,6 +116,13 @@ class _BatchStepStats:
     span_mass: list[Float[Tensor, "batch layer head"]] = field(default_factory=list)
     _pending: list[tuple[int, Float[Tensor, "batch head key"]]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # the rows by answer length: one top-k for each length (a top-k of another k could
+        # order tied keys otherwise than the trial alone does)
+        self._by_k: dict[int, list[int]] = {}
+        for b, (start, end) in enumerate(self.spans):
+            self._by_k.setdefault(end - start, []).append(b)
+
     def new_step(self, device: torch.device) -> None:
         self.flush()
         shape = (len(self.spans), self.n_layers, self.n_heads)
@@ -137,16 +144,13 @@ class _BatchStepStats:
         for layer, rows in self._pending:
             by_length.setdefault((rows.shape[-1], rows.device), []).append((layer, rows))
         self._pending = []
-        by_k: dict[int, list[int]] = {}
-        for b, (start, end) in enumerate(self.spans):
-            by_k.setdefault(end - start, []).append(b)
         for (n_keys, device), group in by_length.items():
             layers = torch.tensor([layer for layer, _ in group], device=table)
             rows = torch.stack([r for _, r in group]).float()  # [layer, batch, head, key]
             offset = 0 if self.first_query is None else self.first_query + step + 1 - n_keys
             argmax = (rows.argmax(dim=-1) + offset).transpose(0, 1)  # [batch, layer, head]
             self.argmax[-1][:, layers] = argmax.to(table)
-            for k, members in by_k.items():
+            for k, members in self._by_k.items():
                 index_b = torch.tensor(members, device=device)
                 values, index = rows.index_select(1, index_b).topk(min(k, n_keys), dim=-1)
                 starts = torch.tensor([self.spans[b][0] - offset for b in members], device=device)
